@@ -1,0 +1,191 @@
+"""The ``vcfs`` command. The only module that prints or exits.
+
+Expected failures arrive as VcfsError and are shown as ``vcfs: error: ...`` plus an optional
+``vcfs: hint: ...`` with the error's exit code (docs/CLI.md); tracebacks are for bugs only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import secrets
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from vcfs import __version__
+from vcfs.config import StoreConfig, config_path, save_config
+from vcfs.errors import MountError, UsageError, VcfsError
+from vcfs.keys import embedded
+from vcfs.keys.setup import HostKeyOptions, init_domain
+from vcfs.mount import MountOptions, mounted_vcfs, serve
+from vcfs.storelayout import tree_path
+
+
+def _key_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pkcs11-module", metavar="PATH", help="PKCS#11 module of the HSM (default: embedded SoftHSM2)")
+    p.add_argument("--pin-file", metavar="FILE", help="file holding the token PIN (mode 0600)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vcfs", description="Transparent encrypting filesystem for recordings (AES-256-GCM, keys in an HSM)."
+    )
+    parser.add_argument("--version", action="version", version=f"vcfs {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("init", help="create an empty encrypted store", description="Create an empty vcfs store in "
+                       "BACKING (an empty or new directory). Without --kek, a KEK is created in the embedded "
+                       "SoftHSM2 token under $VCFS_HOME (default ~/.local/share/vcfs).")
+    p.add_argument("backing", type=Path, metavar="BACKING")
+    p.add_argument("--kek", metavar="URI", help="existing KEK as a PKCS#11 URI (pkcs11:token=...;object=...)")
+    _key_options(p)
+
+    p = sub.add_parser("mount", help="mount a store", description="Mount the store BACKING at MOUNTPOINT. Returns "
+                       "once the mount is live and leaves the daemon running, unless -f is given.")
+    p.add_argument("backing", type=Path, metavar="BACKING")
+    p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+    p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground, log to stderr")
+    p.add_argument("--log-file", metavar="FILE", help="daemon log (default: $VCFS_HOME/logs/<mountpoint>.log)")
+    p.add_argument("--allow-other", dest="allow_other", action="store_true", default=None,
+                   help="let other users use the mount (default when run as root)")
+    p.add_argument("--no-allow-other", dest="allow_other", action="store_false")
+    p.add_argument("--debug", action="store_true", help="log every FUSE request")
+    p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    _key_options(p)
+
+    p = sub.add_parser("umount", help="flush and unmount", description="Flush everything to the backing store and "
+                       "unmount MOUNTPOINT; waits for the daemon to exit.")
+    p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the daemon (default 120)")
+    return parser
+
+
+def _run_dir() -> Path:
+    return embedded.vcfs_home() / "run"
+
+
+def _mount_key(mountpoint: Path) -> str:
+    real = os.path.realpath(mountpoint)
+    return hashlib.sha256(real.encode()).hexdigest()[:16]
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    backing: Path = args.backing
+    if backing.exists() and (not backing.is_dir() or any(backing.iterdir())):
+        raise UsageError(f"{backing} exists and is not an empty directory",
+                         hint="vcfs init needs a new or empty directory; nothing was changed")
+    opts = HostKeyOptions(args.pkcs11_module, args.pin_file)
+    store_id = secrets.token_hex(16)
+    domain = init_domain(store_id, args.kek, opts)
+    backing.mkdir(parents=True, exist_ok=True)
+    tree_path(backing).mkdir(mode=0o755)
+    save_config(backing, StoreConfig(store_id, {domain.name: domain}))
+    kek = domain.keks[0]
+    print(f"created vcfs store {backing} (id {store_id[:12]})")
+    print(f"  KEK {domain.name}/v{kek.version}: {kek.uri}")
+    if domain.embedded:
+        print(f"  embedded SoftHSM2 token under {embedded.vcfs_home()} — back it up: without it the store is unreadable")
+    print(f"mount it with: vcfs mount {backing} MOUNTPOINT")
+    return 0
+
+
+def _daemon_log(args: argparse.Namespace) -> Path:
+    if args.log_file:
+        return Path(args.log_file)
+    logs = embedded.vcfs_home() / "logs"
+    logs.mkdir(parents=True, exist_ok=True, mode=0o700)
+    name = os.path.realpath(args.mountpoint).strip("/").replace("/", "-") or "root"
+    return logs / f"{name}.log"
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    opts = MountOptions(
+        backing=args.backing.resolve(), mountpoint=args.mountpoint.resolve(),
+        keys=HostKeyOptions(args.pkcs11_module, args.pin_file), allow_other=args.allow_other, debug=args.debug,
+    )
+    if args.foreground:
+        logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        run = _run_dir()
+        run.mkdir(parents=True, exist_ok=True, mode=0o700)
+        pidfile = run / f"{_mount_key(opts.mountpoint)}.pid"
+        pidfile.write_text(f"{os.getpid()}\n")
+        try:
+            return serve(opts, args.ready_fd)
+        finally:
+            pidfile.unlink(missing_ok=True)
+    return _spawn_daemon(args)
+
+
+def _spawn_daemon(args: argparse.Namespace) -> int:
+    logfile = _daemon_log(args)
+    read_fd, write_fd = os.pipe()
+    argv = [sys.executable, "-m", "vcfs", "mount", "-f", "--ready-fd", str(write_fd),
+            str(args.backing), str(args.mountpoint)]
+    for flag, value in (("--pkcs11-module", args.pkcs11_module), ("--pin-file", args.pin_file)):
+        if value:
+            argv += [flag, value]
+    if args.allow_other is not None:
+        argv.append("--allow-other" if args.allow_other else "--no-allow-other")
+    if args.debug:
+        argv.append("--debug")
+    with open(logfile, "ab") as log:
+        proc = subprocess.Popen(argv, pass_fds=(write_fd,), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                start_new_session=True)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        reply = pipe.read().decode(errors="replace")
+    if reply.startswith("ok"):
+        print(f"mounted {args.backing} at {args.mountpoint} (daemon pid {proc.pid}, log {logfile})")
+        return 0
+    proc.wait(timeout=30)
+    if reply.startswith("error"):
+        head, message, hint, *_ = (reply.split("\n") + ["", "", ""])
+        err = VcfsError(message, hint or None)
+        err.exit_code = int(head.split()[1])
+        raise err
+    raise MountError(f"the vcfs daemon exited (status {proc.returncode}) before mounting", hint=f"see {logfile}")
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    mp: Path = args.mountpoint
+    if not mounted_vcfs(mp):
+        raise UsageError(f"{mp} is not a vcfs mount")
+    pidfile = _run_dir() / f"{_mount_key(mp)}.pid"
+    pid = int(pidfile.read_text()) if pidfile.exists() else None
+    res = subprocess.run(["fusermount3", "-u", str(mp)], capture_output=True, text=True)
+    if res.returncode != 0:
+        busy = "busy" in res.stderr.lower()
+        raise MountError(f"could not unmount {mp}: {res.stderr.strip()}",
+                         hint="close the files still open in it (see: fuser -vm MOUNTPOINT)" if busy else None)
+    deadline = time.monotonic() + args.timeout
+    while pid is not None and os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(")")[-1].split()[0] == "Z":
+                    break
+        except OSError:
+            break
+        time.sleep(0.05)
+    print(f"unmounted {mp}")
+    return 0
+
+
+COMMANDS = {"init": cmd_init, "mount": cmd_mount, "umount": cmd_umount}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except VcfsError as exc:
+        print(f"vcfs: error: {exc.message}", file=sys.stderr)
+        if exc.hint:
+            print(f"vcfs: hint: {exc.hint}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,149 @@
+"""The store config: ``vcfs.conf`` (TOML) at the top of the backing directory.
+
+It holds no secret: format version, store id, feature flags and where each key domain's KEKs
+live (PKCS#11 URIs). Nothing security-relevant is decided by it alone: every file header
+carries (authenticated) its own format, cipher and KEK reference, so editing the config can
+make files unreadable but never weaker.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from vcfs.errors import ConfigError
+from vcfs.keys.uri import Pkcs11Uri, parse_pkcs11_uri
+
+CONFIG_NAME = "vcfs.conf"
+STORE_FORMAT = 1
+KNOWN_FEATURES = {"encrypted_names"}
+DOMAIN_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+
+
+@dataclass(frozen=True, slots=True)
+class KekEntry:
+    version: int
+    uri: Pkcs11Uri
+    mechanism: int
+
+
+@dataclass(slots=True)
+class DomainConfig:
+    name: str
+    module: str
+    embedded: bool
+    current: int
+    keks: list[KekEntry] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class StoreConfig:
+    store_id: str
+    domains: dict[str, DomainConfig]
+    default_domain: str = "default"
+    features: dict[str, bool] = field(default_factory=lambda: {"encrypted_names": False})
+    format: int = STORE_FORMAT
+
+    def to_toml(self) -> dict[str, Any]:
+        return {
+            "format": self.format,
+            "store_id": self.store_id,
+            "features": dict(self.features),
+            "keys": {
+                "default_domain": self.default_domain,
+                "domains": {
+                    d.name: {
+                        "module": d.module,
+                        "embedded": d.embedded,
+                        "current": d.current,
+                        "kek": [{"version": k.version, "uri": str(k.uri), "mechanism": k.mechanism} for k in d.keks],
+                    }
+                    for d in self.domains.values()
+                },
+            },
+        }
+
+
+def config_path(backing: Path) -> Path:
+    return backing / CONFIG_NAME
+
+
+def save_config(backing: Path, cfg: StoreConfig) -> None:
+    """Replace the config atomically (temp file, fsync, rename, fsync of the directory)."""
+    text = "# vcfs store config: no secrets here. See docs/FORMAT.md.\n" + tomli_w.dumps(cfg.to_toml())
+    tmp = backing / (CONFIG_NAME + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, config_path(backing))
+    dfd = os.open(backing, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def _want(table: dict[str, Any], key: str, kind: type, where: str) -> Any:
+    if key not in table:
+        raise ConfigError(f"store config: missing {where}{key}")
+    value = table[key]
+    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+        raise ConfigError(f"store config: {where}{key} must be a {kind.__name__}")
+    return value
+
+
+def load_config(backing: Path) -> StoreConfig:
+    path = config_path(backing)
+    if not backing.is_dir():
+        raise ConfigError(f"backing directory {backing} does not exist")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{backing} is not a vcfs store (no {CONFIG_NAME})", hint=f"create one with: vcfs init {backing}"
+        ) from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"store config {path} is corrupt: {exc}") from None
+    fmt = _want(raw, "format", int, "")
+    if fmt != STORE_FORMAT:
+        raise ConfigError(f"store format {fmt} is not supported (this vcfs reads {STORE_FORMAT})")
+    features = _want(raw, "features", dict, "")
+    unknown = set(features) - KNOWN_FEATURES
+    if unknown:
+        raise ConfigError(f"store uses features this vcfs does not know: {', '.join(sorted(unknown))}")
+    if features.get("encrypted_names"):
+        raise ConfigError("store uses encrypted file names, which this vcfs version cannot mount")
+    keys = _want(raw, "keys", dict, "")
+    domains: dict[str, DomainConfig] = {}
+    for name, d in _want(keys, "domains", dict, "keys.").items():
+        where = f"keys.domains.{name}."
+        if not isinstance(d, dict) or not DOMAIN_RE.match(name):
+            raise ConfigError(f"store config: bad key domain {name!r}")
+        entries = []
+        for k in _want(d, "kek", list, where):
+            if not isinstance(k, dict):
+                raise ConfigError(f"store config: {where}kek entries must be tables")
+            try:
+                uri = parse_pkcs11_uri(_want(k, "uri", str, where + "kek."))
+            except ConfigError:
+                raise
+            except Exception as exc:
+                raise ConfigError(f"store config: {where}kek.uri: {exc}") from None
+            entries.append(KekEntry(_want(k, "version", int, where + "kek."), uri, _want(k, "mechanism", int, where)))
+        cfg_domain = DomainConfig(
+            name, _want(d, "module", str, where), bool(d.get("embedded", False)), _want(d, "current", int, where), entries
+        )
+        if cfg_domain.current not in {k.version for k in entries}:
+            raise ConfigError(f"store config: {where}current names a KEK version that is not listed")
+        domains[name] = cfg_domain
+    default = _want(keys, "default_domain", str, "keys.")
+    if default not in domains:
+        raise ConfigError(f"store config: default domain {default!r} is not defined")
+    return StoreConfig(_want(raw, "store_id", str, ""), domains, default, dict(features), fmt)

@@ -1,0 +1,383 @@
+"""One encrypted file: read, write, truncate, flush and sync in plaintext terms.
+
+Shared by the mount, and later by fsck, rotation and offline restore. Thread-safe: every
+public method takes the file's lock, so the FUSE adapter may call it from worker threads.
+
+State kept in memory (see docs/FORMAT.md, "Writing"):
+- ``dirty``: plaintext of blocks changed since they were last written, keyed by block
+  number. Every logical block beyond the blocks on disk is dirty, so appending 4 KiB pieces
+  only copies bytes until a block is sealed; nothing is decrypted and re-encrypted per write.
+- ``final_cache``: plaintext of the block that ends the file on disk, so turning it into an
+  inner block when the file grows costs one seal and no decrypt.
+
+Order of writes: dirty blocks are written in ascending order, the new last block sealed
+final; only then is the old final block resealed as an inner block. A crash in between
+leaves two final-sealed blocks, which readers accept (an inner position may hold a
+final-sealed block); a crash earlier leaves a tail that fails authentication, which fsck
+repairs. The header is touched only to reserve seal counts (two alternating slots).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+
+from vcfs.core.aead import FileKeys, derive_file_keys, new_dek, new_file_id
+from vcfs.core.blocks import open_block, seal_block
+from vcfs.core.header import (
+    Header,
+    KeySlot,
+    new_header,
+    parse_header,
+    slot_offset,
+    verify_slot,
+)
+from vcfs.core.layout import (
+    BLOCK_OVERHEAD,
+    BLOCK_SIZE,
+    CIPHER_BLOCK_SIZE,
+    HEADER_LEN,
+    block_count,
+    block_len,
+    block_no_to_cipher_off,
+    cipher_to_plain_size_or_floor,
+    plain_off_to_block_no,
+)
+from vcfs.errors import (
+    BlockAuthError,
+    HeaderAuthError,
+    KeyProviderError,
+    SealLimitError,
+    TruncatedError,
+)
+from vcfs.keys.base import KeyRef, Wrapped
+from vcfs.store import fsync_dir, pread_exact, pwrite_all, pwritev_all
+
+# NIST SP 800-38D: at most 2^32 random 96-bit nonces per key. vcfs stops at half of that.
+SEAL_BUDGET = 1 << 31
+SEAL_RESERVE_STEP = 1 << 16  # seals reserved in the header at a time (4 GiB of block writes)
+MAX_DIRTY_BLOCKS = 16  # plaintext held per open file before sealing (1 MiB)
+
+Unwrap = Callable[[Wrapped], bytes]
+
+
+class CryptFile:
+    def __init__(self, fd: int, header: Header, slot_index: int, keys: FileKeys, label: str) -> None:
+        slot = header.slots[slot_index]
+        assert slot is not None
+        self.fd = fd
+        self.label = label  # backing path, for log lines only
+        self.lock = threading.Lock()
+        self._pre = header.preamble
+        self._bound = header.preamble.bound
+        self._keys = keys
+        self._slot = slot
+        self._slot_index = slot_index
+        self.disk_size = os.fstat(fd).st_size
+        body = self.disk_size - HEADER_LEN
+        self.disk_blocks = 0 if body <= 0 else -(-body // CIPHER_BLOCK_SIZE)
+        self.disk_last_final = True  # what the on-disk last block must authenticate as
+        self.size = cipher_to_plain_size_or_floor(self.disk_size)
+        self.dirty: dict[int, bytearray] = {}
+        self.final_cache: tuple[int, bytes] | None = None
+        self.seals_used = slot.seals  # conservative: the persisted value is an upper bound
+        self.seals_reserved = slot.seals
+        self.seals_persisted = slot.seals
+        self.changed = False  # written since open: callers drop cached pages of other opens
+
+    @property
+    def file_id(self) -> bytes:
+        return self._pre.file_id
+
+    @property
+    def key_ref(self) -> KeyRef:
+        return KeyRef(self._slot.domain, self._slot.kek_version)
+
+    # ---- reading -------------------------------------------------------------------------
+
+    def _open_disk_block(self, block_no: int, sealed: bytes | memoryview) -> bytes:
+        last = block_no == self.disk_blocks - 1
+        if last:
+            try:
+                return open_block(self._keys, self._bound, block_no, self.disk_last_final, sealed)
+            except BlockAuthError:
+                if self.disk_last_final and _opens_as(self, block_no, False, sealed):
+                    raise TruncatedError(
+                        f"{self.label}: file ends at block {block_no}, which was not sealed as final: truncated",
+                        hint="run vcfs fsck to find the last authentic block",
+                    ) from None
+                raise
+        try:
+            return open_block(self._keys, self._bound, block_no, False, sealed)
+        except BlockAuthError:
+            # An inner block sealed final is the trace of a crash between writing a file's new
+            # end and resealing its old end; its bytes are still authentic.
+            return open_block(self._keys, self._bound, block_no, True, sealed)
+
+    def _read_disk_blocks(self, first: int, count: int) -> list[bytes]:
+        """Authenticated plaintext of on-disk blocks first..first+count-1."""
+        cached = self.final_cache
+        if count == 1 and cached is not None and cached[0] == first:
+            return [cached[1]]
+        raw = pread_exact(self.fd, count * CIPHER_BLOCK_SIZE, block_no_to_cipher_off(first))
+        view = memoryview(raw)
+        out = []
+        for i in range(count):
+            sealed = view[i * CIPHER_BLOCK_SIZE : (i + 1) * CIPHER_BLOCK_SIZE]
+            if len(sealed) < BLOCK_OVERHEAD:
+                raise TruncatedError(f"{self.label}: block {first + i} is missing or torn", hint="run vcfs fsck")
+            out.append(self._open_disk_block(first + i, sealed))
+        return out
+
+    def _plain_block(self, block_no: int) -> bytes | bytearray:
+        if block_no in self.dirty:
+            return self.dirty[block_no]
+        if block_no >= self.disk_blocks:
+            return b""
+        return self._read_disk_blocks(block_no, 1)[0]
+
+    def read(self, offset: int, length: int) -> bytes:
+        with self.lock:
+            end = min(offset + length, self.size)
+            if offset >= end:
+                return b""
+            first, last = plain_off_to_block_no(offset), plain_off_to_block_no(end - 1)
+            parts: list[bytes | bytearray] = []
+            b = first
+            while b <= last:
+                if b in self.dirty or b >= self.disk_blocks:
+                    parts.append(self._plain_block(b))
+                    b += 1
+                    continue
+                run_end = b
+                while run_end <= last and run_end not in self.dirty and run_end < self.disk_blocks:
+                    run_end += 1
+                parts.extend(self._read_disk_blocks(b, run_end - b))
+                b = run_end
+            start = offset - first * BLOCK_SIZE
+            if len(parts) == 1:
+                return bytes(memoryview(parts[0])[start : start + end - offset])
+            return b"".join(parts)[start : start + end - offset]
+
+    # ---- writing -------------------------------------------------------------------------
+
+    def _dirty_block(self, block_no: int) -> bytearray:
+        blk = self.dirty.get(block_no)
+        if blk is None:
+            blk = bytearray(self._plain_block(block_no))
+            self.dirty[block_no] = blk
+        return blk
+
+    def _extend(self, new_size: int) -> None:
+        """Grow the file with explicit, sealed zeros up to ``new_size`` (no unauthenticated holes)."""
+        while self.size < new_size:
+            b = plain_off_to_block_no(self.size)
+            blk = self._dirty_block(b)
+            target = min((b + 1) * BLOCK_SIZE, new_size) - b * BLOCK_SIZE
+            blk.extend(bytes(target - len(blk)))
+            self.size = b * BLOCK_SIZE + target
+            if len(self.dirty) > MAX_DIRTY_BLOCKS:
+                self._flush(keep_tail=True)
+
+    def try_write_buffered(self, offset: int, data: bytes) -> bool:
+        """Write without I/O if the bytes land in one block already held in memory.
+
+        For the event loop: never blocks (gives up if the lock is busy) and does no crypto.
+        """
+        b = plain_off_to_block_no(offset)
+        boff = offset - b * BLOCK_SIZE
+        if boff + len(data) > BLOCK_SIZE or offset > self.size:
+            return False
+        if not self.lock.acquire(blocking=False):
+            return False
+        try:
+            blk = self.dirty.get(b)
+            if blk is None or boff > len(blk):
+                return False
+            blk[boff : boff + len(data)] = data
+            self.size = max(self.size, offset + len(data))
+            self.changed = True
+            return True
+        finally:
+            self.lock.release()
+
+    def write(self, offset: int, data: bytes | memoryview) -> int:
+        with self.lock:
+            self.changed = True
+            if offset > self.size:
+                self._extend(offset)
+            view = memoryview(data)
+            pos, end = offset, offset + len(view)
+            while pos < end:
+                b = plain_off_to_block_no(pos)
+                boff = pos - b * BLOCK_SIZE
+                n = min(BLOCK_SIZE - boff, end - pos)
+                chunk = view[pos - offset : pos - offset + n]
+                if b not in self.dirty and boff == 0 and n >= block_len(b, self.size):
+                    self.dirty[b] = bytearray(chunk)  # whole block replaced: nothing to read
+                else:
+                    blk = self._dirty_block(b)
+                    blk[boff : boff + n] = chunk
+                pos += n
+                self.size = max(self.size, pos)
+                if len(self.dirty) > MAX_DIRTY_BLOCKS:
+                    self._flush(keep_tail=True)
+            return len(view)
+
+    def truncate(self, new_size: int) -> None:
+        with self.lock:
+            self.changed = True
+            if new_size >= self.size:
+                self._extend(new_size)
+                return
+            nb = block_count(new_size)
+            last = nb - 1
+            for b in [b for b in self.dirty if b > last]:
+                del self.dirty[b]
+            blk = self._dirty_block(last)
+            del blk[block_len(last, new_size) :]
+            self.size = new_size
+            if self.final_cache is not None and self.final_cache[0] >= last:
+                self.final_cache = None
+            if self.disk_blocks > last:
+                # Cut the file before the new last block; _flush writes it sealed final.
+                os.ftruncate(self.fd, block_no_to_cipher_off(last))
+                self.disk_blocks = last
+                self.disk_size = block_no_to_cipher_off(last)
+                self.disk_last_final = False
+            self._flush(keep_tail=False)
+
+    # ---- sealing -------------------------------------------------------------------------
+
+    def _reserve_seals(self, count: int) -> None:
+        need = self.seals_used + count
+        if need > SEAL_BUDGET:
+            raise SealLimitError(
+                f"{self.label}: the file's data key has sealed {self.seals_used} blocks, near the random-nonce limit",
+                hint="copy the file to a new name: the copy gets a fresh data key",
+            )
+        if need > self.seals_reserved:
+            self._write_slot(min(need + SEAL_RESERVE_STEP, SEAL_BUDGET))
+            self.seals_reserved = self._slot.seals
+        self.seals_used = need
+
+    def _write_slot(self, seals: int) -> None:
+        """Write the other header slot with a higher generation, then sync it."""
+        new = KeySlot(
+            self._slot.generation + 1, self._slot.wrap_alg, self._slot.domain, self._slot.kek_version,
+            self._slot.wrapped, seals,
+        ).sealed(self._pre, self._keys)
+        index = 1 - self._slot_index
+        pwrite_all(self.fd, new.encode(), slot_offset(index))
+        os.fdatasync(self.fd)
+        self._slot, self._slot_index = new, index
+        self.seals_persisted = seals
+
+    def _seal(self, block_no: int, final: bool, plain: bytes | bytearray) -> bytes:
+        return seal_block(self._keys, self._bound, block_no, final, plain)
+
+    def _flush(self, keep_tail: bool) -> None:
+        if not self.dirty:
+            return
+        tail = block_count(self.size) - 1
+        todo = sorted(self.dirty)
+        if keep_tail and todo[-1] == tail and len(self.dirty[tail]) < BLOCK_SIZE and self.size > 0:
+            todo.pop()
+        if not todo:
+            return
+        old_last = self.disk_blocks - 1
+        new_last = max(old_last, todo[-1])
+        reseal_old = 0 <= old_last < new_last and old_last not in self.dirty and self.disk_last_final
+        self._reserve_seals(len(todo) + (1 if reseal_old else 0))
+        old_plain = self._plain_block(old_last) if reseal_old else b""
+        run: list[bytes] = []
+        run_start = todo[0]
+        for i, b in enumerate(todo):
+            run.append(self._seal(b, b == new_last, self.dirty[b]))
+            if i + 1 == len(todo) or todo[i + 1] != b + 1:
+                pwritev_all(self.fd, run, block_no_to_cipher_off(run_start))
+                run = []
+                if i + 1 < len(todo):
+                    run_start = todo[i + 1]
+        if reseal_old:
+            pwrite_all(self.fd, self._seal(old_last, False, old_plain), block_no_to_cipher_off(old_last))
+        if new_last in self.dirty and new_last in todo:
+            last_plain = bytes(self.dirty[new_last])
+            self.final_cache = (new_last, last_plain)
+            self.disk_size = block_no_to_cipher_off(new_last) + BLOCK_OVERHEAD + len(last_plain)
+        self.disk_blocks = new_last + 1
+        self.disk_last_final = True
+        for b in todo:
+            del self.dirty[b]
+
+    def flush(self) -> None:
+        """Seal and write everything held in memory (close(2) semantics; no sync)."""
+        with self.lock:
+            self._flush(keep_tail=False)
+
+    def fsync(self, datasync: bool = True) -> None:
+        with self.lock:
+            self._flush(keep_tail=False)
+            (os.fdatasync if datasync else os.fsync)(self.fd)
+
+    def close(self) -> None:
+        """Flush, record the exact seal count, close the backing file. Idempotent."""
+        with self.lock:
+            if self.fd < 0:
+                return
+            try:
+                self._flush(keep_tail=False)
+                if self.seals_used != self.seals_persisted and self.seals_used < self.seals_persisted:
+                    self._write_slot(self.seals_used)
+            finally:
+                os.close(self.fd)
+                self.fd = -1
+
+
+def _opens_as(cf: CryptFile, block_no: int, final: bool, sealed: bytes | memoryview) -> bool:
+    try:
+        open_block(cf._keys, cf._bound, block_no, final, sealed)
+        return True
+    except BlockAuthError:
+        return False
+
+
+def open_cryptfile(fd: int, label: str, unwrap: Unwrap) -> CryptFile:
+    """Authenticate the header of an existing backing file and return its engine.
+
+    Tries the newest slot first and falls back to the other (a crash during a slot update
+    leaves the older one intact). Raises the first slot's error if none works.
+    """
+    header = parse_header(pread_exact(fd, HEADER_LEN, 0))
+    errors: list[Exception] = []
+    for index, slot in header.candidates():
+        try:
+            dek = unwrap(Wrapped(KeyRef(slot.domain, slot.kek_version), slot.wrap_alg, slot.wrapped))
+            keys = derive_file_keys(dek, header.preamble.file_id)
+            verify_slot(header.preamble, slot, keys)
+        except (HeaderAuthError, KeyProviderError) as exc:
+            errors.append(exc)
+            continue
+        return CryptFile(fd, header, index, keys, label)
+    raise errors[0] if errors else HeaderAuthError(f"{label}: no usable key slot")
+
+
+def create_cryptfile(fd: int, label: str, wrap: Callable[[bytes], Wrapped]) -> CryptFile:
+    """Write a new empty file (header + one empty final block) into an empty backing file."""
+    dek = new_dek()
+    file_id = new_file_id()
+    keys = derive_file_keys(dek, file_id)
+    wrapped = wrap(dek)
+    slot = KeySlot(1, wrapped.wrap_alg, wrapped.ref.domain, wrapped.ref.version, wrapped.blob, SEAL_RESERVE_STEP)
+    header = new_header(file_id, keys, slot)
+    empty = seal_block(keys, header.preamble.bound, 0, True, b"")
+    pwrite_all(fd, header.encode() + empty, 0)
+    cf = CryptFile(fd, header, 0, keys, label)
+    cf.seals_used = 1
+    return cf
+
+
+def sync_parent(path: str) -> None:
+    """fsync the directory holding ``path`` so a create or rename survives power loss."""
+    fsync_dir(os.path.dirname(path) or ".")

@@ -1,0 +1,90 @@
+"""Typed errors shared by every layer.
+
+A leaf module: everything may import it, it imports nothing of vcfs. Each error carries a
+one-line message, an optional hint and a process exit code, so the CLI can print
+``vcfs: error: ...`` / ``vcfs: hint: ...`` without a traceback. Messages never contain key
+material: callers pass names, paths and block numbers only.
+"""
+
+from __future__ import annotations
+
+import errno
+
+
+class VcfsError(Exception):
+    """Base of every expected failure."""
+
+    exit_code = 1
+    errno = errno.EIO
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+class UsageError(VcfsError):
+    """Bad arguments or a state the user must change first (exit 2)."""
+
+    exit_code = 2
+    errno = errno.EINVAL
+
+
+class ConfigError(VcfsError):
+    """The store config is missing, unreadable or invalid (exit 3)."""
+
+    exit_code = 3
+
+
+class KeyProviderError(VcfsError):
+    """The HSM, token, PIN or KEK is missing, wrong or unsafe (exit 4)."""
+
+    exit_code = 4
+    errno = errno.EACCES
+
+
+class MountError(VcfsError):
+    """Mounting or unmounting failed (exit 5)."""
+
+    exit_code = 5
+
+
+class FormatError(VcfsError):
+    """A backing file is not in a format this vcfs can read (exit 6)."""
+
+    exit_code = 6
+
+
+class UnsupportedFormat(FormatError):
+    """A known magic with an unknown version or algorithm id: refuse, never guess."""
+
+
+class IntegrityError(FormatError):
+    """Authentication failed: the ciphertext was modified, damaged or moved (exit 7).
+
+    Raised instead of returning data; the mount maps it to EIO for the affected range.
+    """
+
+    exit_code = 7
+
+
+class HeaderAuthError(IntegrityError):
+    """No header slot could be unwrapped and authenticated."""
+
+
+class BlockAuthError(IntegrityError):
+    """One block failed authentication (tampered, moved, reordered or torn)."""
+
+    def __init__(self, message: str, block_no: int, hint: str | None = None) -> None:
+        super().__init__(message, hint)
+        self.block_no = block_no
+
+
+class TruncatedError(IntegrityError):
+    """The file does not end with a block sealed as final: it was cut short."""
+
+
+class SealLimitError(VcfsError):
+    """The file's DEK is near its safe number of random-nonce seals."""
+
+    errno = errno.EFBIG

@@ -1,0 +1,442 @@
+"""The pyfuse3 adapter: kernel requests in, calls on CryptFile and the backing tree out.
+
+Kept thin on purpose: no format or key logic lives here. What it owns is FUSE state
+(inodes, handles, open-file sharing), errno mapping and moving blocking work off the trio
+loop: crypto and disk I/O run in worker threads, HSM calls in exactly one.
+
+Between awaits: ``_files`` (inode -> open CryptFile) is only changed under ``_open_lock``,
+so two concurrent opens of one inode share one CryptFile and a release never closes a file
+that another open is just handing out.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import stat
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import pyfuse3
+import trio
+
+from vcfs.core.layout import cipher_to_plain_size_or_floor
+from vcfs.cryptfile import CryptFile, create_cryptfile, open_cryptfile
+from vcfs.errors import IntegrityError, KeyProviderError, VcfsError
+from vcfs.inodes import InodeTable
+from vcfs.keys.base import KeyProvider
+from vcfs.store import open_backing
+
+log = logging.getLogger("vcfs.fs")
+_T = TypeVar("_T")
+
+ATTR_TIMEOUT = 5.0
+_libc = ctypes.CDLL(None, use_errno=True)
+_AT_FDCWD = -100
+
+
+@dataclass(slots=True)
+class _Open:
+    cf: CryptFile
+    refs: int
+
+
+def _renameat2(old: bytes, new: bytes, flags: int) -> None:
+    if _libc.renameat2(_AT_FDCWD, old, _AT_FDCWD, new, ctypes.c_uint(flags)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+class VcfsOperations(pyfuse3.Operations):
+    enable_writeback_cache = True
+
+    def __init__(self, tree: bytes, provider: KeyProvider, domain: str) -> None:
+        super().__init__()
+        self.inodes = InodeTable(tree)
+        self.provider = provider
+        self.domain = domain
+        self._files: dict[int, _Open] = {}
+        self._handles: dict[int, int] = {}  # fh -> inode
+        self._next_fh = 1
+        self._open_lock = trio.Lock()
+        self._hsm = trio.CapacityLimiter(1)
+        self._io = trio.CapacityLimiter(16)
+        self._keep_cache: dict[int, tuple[int, int]] = {}  # inode -> backing (mtime_ns, size)
+        self._chown = os.geteuid() == 0
+        self.stats = {"auth_failures": 0}
+
+    # ---- helpers -------------------------------------------------------------------------
+
+    async def _run(self, fn: Callable[..., _T], *args: Any, label: str = "", hsm: bool = False) -> _T:
+        """Run blocking work in a thread and map every expected failure to an errno."""
+        try:
+            return await trio.to_thread.run_sync(fn, *args, limiter=self._hsm if hsm else self._io)
+        except IntegrityError as exc:
+            self.stats["auth_failures"] += 1
+            log.error("authentication failed: %s", exc.message)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except KeyProviderError as exc:
+            log.error("key error on %s: %s", label, exc.message)
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except VcfsError as exc:
+            log.error("%s: %s", label, exc.message)
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except OSError as exc:
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+
+    def _attrs(self, st: os.stat_result, inode: int) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = inode
+        attr.generation = 0
+        attr.entry_timeout = ATTR_TIMEOUT
+        attr.attr_timeout = ATTR_TIMEOUT
+        attr.st_mode = st.st_mode
+        attr.st_nlink = st.st_nlink
+        attr.st_uid = st.st_uid
+        attr.st_gid = st.st_gid
+        attr.st_rdev = st.st_rdev
+        attr.st_blksize = 65536
+        attr.st_atime_ns = st.st_atime_ns
+        attr.st_mtime_ns = st.st_mtime_ns
+        attr.st_ctime_ns = st.st_ctime_ns
+        if stat.S_ISREG(st.st_mode):
+            opened = self._files.get(inode)
+            size = opened.cf.size if opened else cipher_to_plain_size_or_floor(st.st_size)
+        else:
+            size = st.st_size
+        attr.st_size = size
+        attr.st_blocks = -(-size // 512)
+        return attr
+
+    def _stat_inode(self, inode: int) -> os.stat_result:
+        try:
+            return os.lstat(self.inodes.path(inode))
+        except FileNotFoundError:
+            opened = self._files.get(inode)
+            if opened is None:
+                raise
+            return os.fstat(opened.cf.fd)  # unlinked but still open
+
+    def _entry(self, parent: int, name: bytes) -> pyfuse3.EntryAttributes:
+        st = os.lstat(self.inodes.child_path(parent, name))
+        inode = self.inodes.to_fuse(st.st_ino)
+        self.inodes.remember(inode, parent, name)
+        return self._attrs(st, inode)
+
+    def _own(self, path: bytes, ctx: pyfuse3.RequestContext) -> None:
+        if self._chown:
+            os.lchown(path, ctx.uid, ctx.gid)
+
+    @staticmethod
+    def _oserror(fn: Callable[[], _T]) -> _T:
+        try:
+            return fn()
+        except OSError as exc:
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+
+    # ---- lookups and attributes ----------------------------------------------------------
+
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if name == b".":
+            return self._oserror(lambda: self._attrs(self._stat_inode(parent_inode), parent_inode))
+        return self._oserror(lambda: self._entry(parent_inode, name))
+
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._oserror(lambda: self._attrs(self._stat_inode(inode), inode))
+
+    async def setattr(
+        self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
+        fh: int | None, ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        if fields.update_size:
+            await self._truncate(inode, attr.st_size)
+
+        def apply() -> None:
+            path = self.inodes.path(inode)
+            if fields.update_mode:
+                os.chmod(path, stat.S_IMODE(attr.st_mode))
+            if fields.update_uid or fields.update_gid:
+                uid = attr.st_uid if fields.update_uid else -1
+                gid = attr.st_gid if fields.update_gid else -1
+                os.lchown(path, uid, gid)
+            if fields.update_atime or fields.update_mtime:
+                st = os.lstat(path)
+                atime = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
+                mtime = attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns
+                os.utime(path, ns=(atime, mtime), follow_symlinks=False)
+
+        if any((fields.update_mode, fields.update_uid, fields.update_gid, fields.update_atime, fields.update_mtime)):
+            await self._run(apply, label="setattr")
+        return self._oserror(lambda: self._attrs(self._stat_inode(inode), inode))
+
+    async def _truncate(self, inode: int, size: int) -> None:
+        opened = self._files.get(inode)
+        if opened is not None:
+            await self._run(opened.cf.truncate, size, label="truncate")
+            return
+        cf = await self._open_cryptfile(inode)
+        try:
+            await self._run(cf.truncate, size, label="truncate")
+        finally:
+            await self._run(cf.close, label="truncate")
+
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        return self._oserror(lambda: os.readlink(self.inodes.path(inode)))
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        sv = self._oserror(lambda: os.statvfs(self.inodes.root_path))
+        out = pyfuse3.StatvfsData()
+        for name in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree", "f_favail"):
+            setattr(out, name, getattr(sv, name))
+        out.f_namemax = sv.f_namemax
+        return out
+
+    def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for inode, count in inode_list:
+            self.inodes.forget(inode, count)
+
+    # ---- directories ---------------------------------------------------------------------
+
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        return inode
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        def listing() -> list[tuple[bytes, os.stat_result]]:
+            path = self.inodes.path(fh)
+            out = []
+            for name in sorted(os.listdir(path)):
+                try:
+                    out.append((name, os.lstat(os.path.join(path, name))))
+                except FileNotFoundError:
+                    continue
+            return out
+
+        entries = await self._run(listing, label="readdir")
+        for i in range(start_id, len(entries)):
+            name, st = entries[i]
+            inode = self.inodes.to_fuse(st.st_ino)
+            if not pyfuse3.readdir_reply(token, name, self._attrs(st, inode), i + 1):
+                break
+            self.inodes.remember(inode, fh, name)
+
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        def sync() -> None:
+            fd = os.open(self.inodes.path(fh), os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+        await self._run(sync, label="fsyncdir")
+
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        def make() -> pyfuse3.EntryAttributes:
+            path = self.inodes.child_path(parent_inode, name)
+            os.mkdir(path, stat.S_IMODE(mode))
+            self._own(path, ctx)
+            return self._entry(parent_inode, name)
+
+        return await self._run(make, label="mkdir")
+
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        def remove() -> None:
+            inode = self.inodes.inode_at(parent_inode, name)
+            os.rmdir(self.inodes.child_path(parent_inode, name))
+            if inode is not None:
+                self.inodes.drop_link(inode, parent_inode, name)
+
+        await self._run(remove, label="rmdir")
+
+    # ---- names ---------------------------------------------------------------------------
+
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        def remove() -> None:
+            inode = self.inodes.inode_at(parent_inode, name)
+            os.unlink(self.inodes.child_path(parent_inode, name))
+            if inode is not None:
+                self.inodes.drop_link(inode, parent_inode, name)
+                self._keep_cache.pop(inode, None)
+
+        await self._run(remove, label="unlink")
+
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        def make() -> pyfuse3.EntryAttributes:
+            path = self.inodes.child_path(parent_inode, name)
+            os.symlink(target, path)
+            self._own(path, ctx)
+            return self._entry(parent_inode, name)
+
+        return await self._run(make, label="symlink")
+
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        def make() -> pyfuse3.EntryAttributes:
+            os.link(self.inodes.path(inode), self.inodes.child_path(new_parent_inode, new_name), follow_symlinks=False)
+            return self._entry(new_parent_inode, new_name)
+
+        return await self._run(make, label="link")
+
+    async def rename(
+        self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
+        flags: int, ctx: pyfuse3.RequestContext,
+    ) -> None:
+        def move() -> None:
+            old = self.inodes.child_path(parent_inode_old, name_old)
+            new = self.inodes.child_path(parent_inode_new, name_new)
+            moved = self.inodes.inode_at(parent_inode_old, name_old)
+            replaced = self.inodes.inode_at(parent_inode_new, name_new)
+            if flags:
+                _renameat2(old, new, flags)
+            else:
+                os.rename(old, new)
+            if flags & pyfuse3.RENAME_EXCHANGE:
+                if replaced is not None:
+                    self.inodes.move(replaced, (parent_inode_new, name_new), (parent_inode_old, name_old))
+            elif replaced is not None and replaced != moved:
+                self.inodes.drop_link(replaced, parent_inode_new, name_new)
+            if moved is not None:
+                self.inodes.move(moved, (parent_inode_old, name_old), (parent_inode_new, name_new))
+
+        await self._run(move, label="rename")
+
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        if stat.S_ISREG(mode):
+            fi, attr = await self.create(parent_inode, name, mode, os.O_WRONLY, ctx)
+            await self.release(fi.fh)
+            return attr
+        if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
+            raise pyfuse3.FUSEError(errno.EPERM)  # device nodes have no place in a recording store
+
+        def make() -> pyfuse3.EntryAttributes:
+            path = self.inodes.child_path(parent_inode, name)
+            os.mknod(path, mode, rdev)
+            self._own(path, ctx)
+            return self._entry(parent_inode, name)
+
+        return await self._run(make, label="mknod")
+
+    # ---- files ---------------------------------------------------------------------------
+
+    async def _open_cryptfile(self, inode: int) -> CryptFile:
+        path = self._oserror(lambda: self.inodes.path(inode))
+        fd = self._oserror(lambda: open_backing(path))
+        try:
+            return await self._run(open_cryptfile, fd, os.fsdecode(path), self.provider.unwrap, label=os.fsdecode(path),
+                                   hsm=True)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _new_handle(self, inode: int) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = inode
+        return fh
+
+    def _cache_stamp(self, inode: int) -> tuple[int, int] | None:
+        try:
+            st = os.lstat(self.inodes.path(inode))
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size)
+
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        async with self._open_lock:
+            opened = self._files.get(inode)
+            if opened is None:
+                stamp = self._cache_stamp(inode)
+                keep = stamp is not None and self._keep_cache.get(inode) == stamp
+                cf = await self._open_cryptfile(inode)
+                self._files[inode] = _Open(cf, 1)
+            else:
+                keep = True  # the open CryptFile is the only writer: kernel pages are current
+                opened.refs += 1
+            return pyfuse3.FileInfo(fh=self._new_handle(inode), keep_cache=keep)
+
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        path = self._oserror(lambda: self.inodes.child_path(parent_inode, name))
+        fd = self._oserror(lambda: os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, stat.S_IMODE(mode)))
+        try:
+            self._own(path, ctx)
+            current = self.provider.current(self.domain)
+
+            def wrap(dek: bytes) -> Any:
+                return self.provider.wrap(current, dek)
+
+            cf = await self._run(create_cryptfile, fd, os.fsdecode(path), wrap, label=os.fsdecode(path), hsm=True)
+        except BaseException:
+            os.close(fd)
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+            raise
+        async with self._open_lock:
+            attr = self._entry(parent_inode, name)
+            self._files[attr.st_ino] = _Open(cf, 1)
+            attr.st_size = 0
+            return pyfuse3.FileInfo(fh=self._new_handle(attr.st_ino)), attr
+
+    def _cf(self, fh: int) -> CryptFile:
+        inode = self._handles.get(fh)
+        if inode is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        return self._files[inode].cf
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        cf = self._cf(fh)
+        return await self._run(cf.read, off, size, label=cf.label)
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        cf = self._cf(fh)
+        if cf.try_write_buffered(off, buf):
+            return len(buf)
+        return await self._run(cf.write, off, buf, label=cf.label)
+
+    async def flush(self, fh: int) -> None:
+        cf = self._cf(fh)
+        await self._run(cf.flush, label=cf.label)
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        cf = self._cf(fh)
+        await self._run(cf.fsync, datasync, label=cf.label)
+
+    async def release(self, fh: int) -> None:
+        async with self._open_lock:
+            inode = self._handles.pop(fh, None)
+            if inode is None:
+                return
+            opened = self._files[inode]
+            opened.refs -= 1
+            if opened.refs > 0:
+                return
+            del self._files[inode]
+            try:
+                await self._run(opened.cf.close, label=opened.cf.label)
+            finally:
+                stamp = self._cache_stamp(inode)
+                if stamp is not None:
+                    self._keep_cache[inode] = stamp
+
+    async def close_all(self) -> None:
+        """Flush and close every open file (unmount or shutdown)."""
+        async with self._open_lock:
+            for inode, opened in list(self._files.items()):
+                try:
+                    await self._run(opened.cf.close, label=opened.cf.label)
+                except pyfuse3.FUSEError as exc:
+                    log.error("could not flush %s at shutdown: %s", opened.cf.label, os.strerror(exc.errno))
+                del self._files[inode]

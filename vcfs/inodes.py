@@ -1,0 +1,90 @@
+"""Which backing path an inode number stands for.
+
+Inode numbers are the backing files' own st_ino (the backing root becomes FUSE inode 1).
+Each inode remembers the (parent inode, name) links it was looked up under, so renaming a
+directory moves its whole subtree at once: children keep their parent inode, and paths are
+rebuilt on demand by walking up to the root. Hard links give an inode several links.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import pyfuse3
+
+ROOT = pyfuse3.ROOT_INODE
+
+
+@dataclass(slots=True)
+class _Entry:
+    links: set[tuple[int, bytes]] = field(default_factory=set)
+    lookups: int = 0
+
+
+class InodeTable:
+    def __init__(self, root_path: bytes) -> None:
+        self.root_path = root_path
+        self._root_backing_ino = os.lstat(root_path).st_ino
+        self._entries: dict[int, _Entry] = {ROOT: _Entry(lookups=1)}
+
+    def to_fuse(self, backing_ino: int) -> int:
+        if backing_ino == self._root_backing_ino:
+            return ROOT
+        if backing_ino == ROOT:
+            return self._root_backing_ino  # swap, so the two never collide
+        return backing_ino
+
+    def path(self, inode: int) -> bytes:
+        """A current path of ``inode``; FileNotFoundError if it has none (unlinked)."""
+        parts: list[bytes] = []
+        seen = 0
+        while inode != ROOT:
+            entry = self._entries.get(inode)
+            if entry is None or not entry.links:
+                raise FileNotFoundError(f"inode {inode} has no path")
+            inode, name = min(entry.links)
+            parts.append(name)
+            seen += 1
+            if seen > 4096:
+                raise OSError("inode path loop")
+        return os.path.join(self.root_path, *reversed(parts)) if parts else self.root_path
+
+    def child_path(self, parent: int, name: bytes) -> bytes:
+        return os.path.join(self.path(parent), name)
+
+    def remember(self, inode: int, parent: int, name: bytes, lookups: int = 1) -> None:
+        entry = self._entries.setdefault(inode, _Entry())
+        entry.links.add((parent, name))
+        entry.lookups += lookups
+
+    def add_link(self, inode: int, parent: int, name: bytes) -> None:
+        self.remember(inode, parent, name, lookups=0)
+
+    def drop_link(self, inode: int, parent: int, name: bytes) -> None:
+        entry = self._entries.get(inode)
+        if entry is not None:
+            entry.links.discard((parent, name))
+
+    def inode_at(self, parent: int, name: bytes) -> int | None:
+        """The known inode linked as ``name`` in ``parent``, if any (no disk access)."""
+        try:
+            st = os.lstat(self.child_path(parent, name))
+        except OSError:
+            return None
+        return self.to_fuse(st.st_ino)
+
+    def move(self, inode: int, old: tuple[int, bytes], new: tuple[int, bytes]) -> None:
+        entry = self._entries.get(inode)
+        if entry is None:
+            return
+        entry.links.discard(old)
+        entry.links.add(new)
+
+    def forget(self, inode: int, count: int) -> None:
+        entry = self._entries.get(inode)
+        if entry is None or inode == ROOT:
+            return
+        entry.lookups -= count
+        if entry.lookups <= 0:
+            del self._entries[inode]

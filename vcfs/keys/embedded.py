@@ -1,0 +1,80 @@
+"""The embedded default HSM: a SoftHSM2 token that vcfs creates under VCFS_HOME.
+
+For the quickstart, development and tests. Its PINs are random and kept in mode-0600 files
+beside the token; a real deployment points vcfs at its HSM's module and PIN instead.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+from pathlib import Path
+
+from vcfs.errors import KeyProviderError
+
+TOKEN_LABEL = "vcfs"
+MODULE_CANDIDATES = (
+    "/usr/lib/softhsm/libsofthsm2.so",
+    "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+    "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
+    "/usr/local/lib/softhsm/libsofthsm2.so",
+)
+
+
+def vcfs_home() -> Path:
+    env = os.environ.get("VCFS_HOME")
+    if env:
+        return Path(env).expanduser().resolve()
+    return Path.home() / ".local" / "share" / "vcfs"
+
+
+def softhsm_module() -> str:
+    for path in MODULE_CANDIDATES:
+        if os.path.exists(path):
+            return path
+    raise KeyProviderError("SoftHSM2 is not installed", hint="apt-get install softhsm2 (scripts/quickstart does)")
+
+
+def conf_path(home: Path) -> Path:
+    return home / "softhsm2.conf"
+
+
+def pin_path(home: Path) -> Path:
+    return home / "user.pin"
+
+
+def activate(home: Path) -> None:
+    """Point SoftHSM2 at the embedded token directory (must run before the module loads)."""
+    if conf_path(home).exists():
+        os.environ["SOFTHSM2_CONF"] = str(conf_path(home))
+
+
+def _write_secret(path: Path, value: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value + "\n")
+
+
+def ensure_token(home: Path) -> None:
+    """Create the embedded token once; later calls find it and do nothing."""
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tokens = home / "tokens"
+    if conf_path(home).exists() and pin_path(home).exists():
+        activate(home)
+        return
+    tokens.mkdir(exist_ok=True, mode=0o700)
+    conf_path(home).write_text(f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\n")
+    activate(home)
+    user_pin, so_pin = secrets.token_hex(16), secrets.token_hex(16)
+    try:
+        subprocess.run(
+            ["softhsm2-util", "--init-token", "--free", "--label", TOKEN_LABEL, "--so-pin", so_pin, "--pin", user_pin],
+            check=True, capture_output=True, text=True, env=os.environ.copy(),
+        )
+    except FileNotFoundError:
+        raise KeyProviderError("softhsm2-util not found", hint="apt-get install softhsm2") from None
+    except subprocess.CalledProcessError as exc:
+        raise KeyProviderError(f"could not create the embedded SoftHSM2 token: {exc.stderr.strip()}") from None
+    _write_secret(home / "so.pin", so_pin)
+    _write_secret(pin_path(home), user_pin)

@@ -1,0 +1,235 @@
+"""KEKs in a PKCS#11 token. The only module that imports python-pkcs11.
+
+Threading: python-pkcs11 0.10 initialises the module for single-threaded use yet releases
+the GIL inside calls; two threads in SoftHSM2 at once crash it. Every call into the token is
+therefore made under one process-wide lock. The trio side additionally funnels calls through
+a CapacityLimiter(1) so waiting threads do not pile up.
+
+DEK handling: a DEK exists in the token only as a short-lived session object (not sensitive,
+extractable) that is destroyed right after C_WrapKey / after reading it back from
+C_UnwrapKey. File data is never encrypted by the token.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import pkcs11
+import pkcs11.exceptions as p11e
+from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+
+from vcfs.core.header import WRAP_PKCS11_AES_KWP
+from vcfs.errors import HeaderAuthError, KeyProviderError
+from vcfs.keys.base import KeyRef, Wrapped
+from vcfs.keys.uri import Pkcs11Uri
+
+_LOCK = threading.RLock()
+_T = TypeVar("_T")
+
+# SoftHSM2 names RFC 5649 "CKM_AES_KEY_WRAP_PAD" (0x210A); PKCS#11 3.1 tokens call it
+# CKM_AES_KEY_WRAP_KWP (0x210B). The code is configurable per domain for that reason.
+DEFAULT_WRAP_MECHANISM = 0x210A
+
+KEK_TEMPLATE = {
+    Attribute.TOKEN: True,
+    Attribute.PRIVATE: True,
+    Attribute.SENSITIVE: True,
+    Attribute.EXTRACTABLE: False,
+    Attribute.WRAP: True,
+    Attribute.UNWRAP: True,
+    Attribute.ENCRYPT: False,
+    Attribute.DECRYPT: False,
+    Attribute.SIGN: False,
+    Attribute.VERIFY: False,
+    Attribute.DERIVE: False,
+    Attribute.MODIFIABLE: False,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class KekSpec:
+    ref: KeyRef
+    uri: Pkcs11Uri
+    mechanism: int = DEFAULT_WRAP_MECHANISM
+
+
+def _locked(fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+    with _LOCK:
+        return fn(*args, **kwargs)
+
+
+def _load_module(path: str) -> Any:
+    if not os.path.exists(path):
+        raise KeyProviderError(
+            f"PKCS#11 module not found: {path}",
+            hint="install the HSM's PKCS#11 library (softhsm2 for the embedded token) or pass --pkcs11-module",
+        )
+    try:
+        return _locked(pkcs11.lib, path)
+    except Exception as exc:  # the loader raises RuntimeError/OSError variants
+        raise KeyProviderError(f"cannot load PKCS#11 module {path}: {exc}") from None
+
+
+def open_session(module_path: str, token_label: str, pin: str) -> Any:
+    """Log in to ``token_label`` and return a read-write session (caller holds it for life)."""
+    lib = _load_module(module_path)
+    try:
+        token = _locked(lib.get_token, token_label=token_label)
+    except (p11e.NoSuchToken, p11e.MultipleTokensReturned):
+        raise KeyProviderError(
+            f"PKCS#11 token {token_label!r} not found in {module_path}",
+            hint="check the token label in the KEK URI, and that the HSM is reachable",
+        ) from None
+    try:
+        return _locked(token.open, rw=True, user_pin=pin)
+    except p11e.UserAlreadyLoggedIn:
+        return _locked(token.open, rw=True)
+    except (p11e.PinIncorrect, p11e.PinInvalid, p11e.PinLenRange):
+        raise KeyProviderError(f"wrong PIN for PKCS#11 token {token_label!r}", hint="check --pin-file") from None
+    except p11e.PinLocked:
+        raise KeyProviderError(f"PIN of PKCS#11 token {token_label!r} is locked") from None
+    except p11e.PKCS11Error as exc:
+        raise KeyProviderError(f"cannot log in to PKCS#11 token {token_label!r}: {type(exc).__name__}") from None
+
+
+def find_kek(session: Any, uri: Pkcs11Uri) -> Any:
+    try:
+        return _locked(session.get_key, object_class=ObjectClass.SECRET_KEY, label=uri.object, id=uri.id)
+    except p11e.NoSuchKey:
+        raise KeyProviderError(
+            f"KEK {uri} not found in token {uri.token!r}",
+            hint="the store was made with another token, or the KEK was destroyed",
+        ) from None
+    except p11e.MultipleObjectsReturned:
+        raise KeyProviderError(f"KEK URI {uri} matches more than one key; add id= to it") from None
+
+
+def check_kek_attributes(kek: Any, name: str) -> None:
+    """Refuse KEKs that could leave the token or be used without login."""
+    wanted = {
+        Attribute.SENSITIVE: True,
+        Attribute.EXTRACTABLE: False,
+        Attribute.PRIVATE: True,
+        Attribute.NEVER_EXTRACTABLE: True,
+        Attribute.WRAP: True,
+        Attribute.UNWRAP: True,
+    }
+    bad = []
+    for attr, want in wanted.items():
+        try:
+            got = _locked(kek.__getitem__, attr)
+        except p11e.PKCS11Error:
+            got = None
+        if bool(got) != want:
+            bad.append(f"{attr.name}={got}")
+    if bad:
+        raise KeyProviderError(
+            f"KEK {name} is unsafe: {', '.join(bad)}",
+            hint="a KEK must be private, sensitive, never extractable, and allowed to wrap and unwrap",
+        )
+
+
+def generate_kek(session: Any, label: str, key_id: bytes) -> None:
+    try:
+        _locked(session.generate_key, KeyType.AES, 256, id=key_id, label=label, store=True, template=KEK_TEMPLATE)
+    except p11e.PKCS11Error as exc:
+        raise KeyProviderError(f"could not create KEK {label!r} in the token: {type(exc).__name__}") from None
+
+
+class Pkcs11Provider:
+    """Wraps and unwraps DEKs under KEKs held in one or more tokens of one module."""
+
+    def __init__(self, module_path: str, pin_for_token: Callable[[str], str], keks: Iterable[KekSpec],
+                 current: dict[str, int]) -> None:
+        self._module_path = module_path
+        self._sessions: dict[str, Any] = {}
+        self._keks: dict[KeyRef, tuple[Any, KekSpec]] = {}
+        self._current = dict(current)
+        for spec in keks:
+            token = spec.uri.token or ""
+            if token not in self._sessions:
+                self._sessions[token] = open_session(module_path, token, pin_for_token(token))
+            self._keks[spec.ref] = (None, spec)
+        for ref, (_, spec) in list(self._keks.items()):
+            try:
+                key = find_kek(self._sessions[spec.uri.token or ""], spec.uri)
+            except KeyProviderError:
+                if self._current.get(ref.domain) == ref.version:
+                    raise
+                continue  # an old version missing from the token only matters for files using it
+            check_kek_attributes(key, str(ref))
+            self._keks[ref] = (key, spec)
+
+    def current(self, domain: str) -> KeyRef:
+        if domain not in self._current:
+            raise KeyProviderError(f"unknown key domain {domain!r}")
+        return KeyRef(domain, self._current[domain])
+
+    def _kek(self, ref: KeyRef) -> tuple[Any, KekSpec]:
+        key, spec = self._keks.get(ref, (None, None))
+        if key is None or spec is None:
+            raise KeyProviderError(
+                f"KEK {ref} is not available in the HSM",
+                hint="the file was wrapped under a KEK this host cannot reach, or that was destroyed",
+            )
+        return key, spec
+
+    def wrap(self, ref: KeyRef, dek: bytes) -> Wrapped:
+        kek, spec = self._kek(ref)
+        session = self._sessions[spec.uri.token or ""]
+        with _LOCK:
+            obj = session.create_object({
+                Attribute.CLASS: ObjectClass.SECRET_KEY,
+                Attribute.KEY_TYPE: KeyType.AES,
+                Attribute.VALUE: dek,
+                Attribute.TOKEN: False,
+                Attribute.SENSITIVE: False,
+                Attribute.EXTRACTABLE: True,
+            })
+            try:
+                blob = kek.wrap_key(obj, mechanism=Mechanism(spec.mechanism))
+            except p11e.PKCS11Error as exc:
+                raise KeyProviderError(f"HSM refused to wrap under KEK {ref}: {type(exc).__name__}") from None
+            finally:
+                obj.destroy()
+        return Wrapped(ref, WRAP_PKCS11_AES_KWP, bytes(blob))
+
+    def unwrap(self, wrapped: Wrapped) -> bytes:
+        if wrapped.wrap_alg != WRAP_PKCS11_AES_KWP:
+            raise KeyProviderError(f"wrap algorithm {wrapped.wrap_alg} is not handled by the PKCS#11 provider")
+        kek, spec = self._kek(wrapped.ref)
+        with _LOCK:
+            try:
+                obj = kek.unwrap_key(
+                    ObjectClass.SECRET_KEY, KeyType.AES, wrapped.blob,
+                    mechanism=Mechanism(spec.mechanism), store=False,
+                    template={Attribute.SENSITIVE: False, Attribute.EXTRACTABLE: True, Attribute.TOKEN: False},
+                )
+            except p11e.PKCS11Error:
+                raise HeaderAuthError(
+                    f"the DEK does not unwrap under KEK {wrapped.ref}: wrong key or modified header"
+                ) from None
+            try:
+                dek = bytes(obj[Attribute.VALUE])
+            finally:
+                obj.destroy()
+        return dek
+
+    def self_test(self, domain: str) -> None:
+        """Wrap and unwrap a throwaway key so a broken HSM fails at start, not at first write."""
+        probe = os.urandom(32)
+        if self.unwrap(self.wrap(self.current(domain), probe)) != probe:
+            raise KeyProviderError(f"HSM self-test failed for domain {domain!r}")
+
+    def close(self) -> None:
+        with _LOCK:
+            for session in self._sessions.values():
+                try:
+                    session.close()
+                except p11e.PKCS11Error:
+                    pass
+            self._sessions.clear()

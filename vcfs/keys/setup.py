@@ -1,0 +1,92 @@
+"""Turning a store config plus this host's options into a working key provider."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from vcfs.config import DomainConfig, KekEntry, StoreConfig
+from vcfs.errors import KeyProviderError
+from vcfs.keys import embedded
+from vcfs.keys.base import KeyRef
+from vcfs.keys.pin import resolve_pin
+from vcfs.keys.pkcs11 import (
+    DEFAULT_WRAP_MECHANISM,
+    KekSpec,
+    Pkcs11Provider,
+    check_kek_attributes,
+    find_kek,
+    generate_kek,
+    open_session,
+)
+from vcfs.keys.uri import Pkcs11Uri, parse_pkcs11_uri
+
+
+@dataclass(frozen=True, slots=True)
+class HostKeyOptions:
+    """Per-host settings that do not belong in the (shared, backed-up) store config."""
+
+    pkcs11_module: str | None = None
+    pin_file: str | None = None
+
+
+def _module_for(domain: DomainConfig, opts: HostKeyOptions) -> str:
+    if opts.pkcs11_module:
+        return opts.pkcs11_module
+    if domain.embedded:
+        return embedded.softhsm_module()
+    return domain.module
+
+
+def _pin_lookup(domain: DomainConfig, opts: HostKeyOptions):  # type: ignore[no-untyped-def]
+    home = embedded.vcfs_home()
+    emb = embedded.pin_path(home) if domain.embedded else None
+    pin_source = next((k.uri.pin_source for k in domain.keks if k.uri.pin_source), None)
+    return lambda _token: resolve_pin(opts.pin_file, pin_source, emb)
+
+
+def open_provider(cfg: StoreConfig, opts: HostKeyOptions) -> Pkcs11Provider:
+    """Log in and find every KEK of the store; fails with a KeyProviderError naming the cause."""
+    if len(cfg.domains) != 1:
+        raise KeyProviderError("stores with several key domains are not supported by this vcfs version")
+    domain = cfg.domains[cfg.default_domain]
+    if domain.embedded and not os.environ.get("SOFTHSM2_CONF"):
+        home = embedded.vcfs_home()
+        if not embedded.conf_path(home).exists():
+            raise KeyProviderError(
+                f"the embedded SoftHSM2 token is missing under {home}",
+                hint="set VCFS_HOME to the directory used at 'vcfs init', or restore its token",
+            )
+        embedded.activate(home)
+    specs = [KekSpec(KeyRef(domain.name, k.version), k.uri, k.mechanism) for k in domain.keks]
+    return Pkcs11Provider(
+        _module_for(domain, opts), _pin_lookup(domain, opts), specs, {domain.name: domain.current}
+    )
+
+
+def init_domain(store_id: str, kek_uri: str | None, opts: HostKeyOptions, name: str = "default") -> DomainConfig:
+    """Make (embedded) or check (given URI) the first KEK of a new store's domain."""
+    if kek_uri is None:
+        home = embedded.vcfs_home()
+        embedded.ensure_token(home)
+        module = opts.pkcs11_module or embedded.softhsm_module()
+        label = f"vcfs-kek-{store_id[:12]}-{name}-v1"
+        uri = Pkcs11Uri(token=embedded.TOKEN_LABEL, object=label, type="secret-key")
+        session = open_session(module, embedded.TOKEN_LABEL, resolve_pin(opts.pin_file, None, embedded.pin_path(home)))
+        try:
+            generate_kek(session, label, bytes.fromhex(store_id[:16]))
+        finally:
+            session.close()
+        dom = DomainConfig(name, module, True, 1, [KekEntry(1, uri, DEFAULT_WRAP_MECHANISM)])
+    else:
+        uri = parse_pkcs11_uri(kek_uri)
+        module = opts.pkcs11_module or uri.module_path
+        if not module:
+            raise KeyProviderError("no PKCS#11 module given for --kek", hint="pass --pkcs11-module PATH")
+        session = open_session(module, uri.token or "", resolve_pin(opts.pin_file, uri.pin_source, None))
+        try:
+            check_kek_attributes(find_kek(session, uri), str(uri))
+        finally:
+            session.close()
+        dom = DomainConfig(name, module, False, 1, [KekEntry(1, uri, DEFAULT_WRAP_MECHANISM)])
+    return dom

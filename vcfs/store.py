@@ -1,0 +1,57 @@
+"""Backing-directory I/O: exact positional reads and writes, syncs. Knows no cryptography.
+
+Short reads and writes are looped here once so no caller has to; ENOSPC and EIO surface
+as OSError for the adapter to turn into errno replies.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def pread_exact(fd: int, length: int, offset: int) -> bytes:
+    """Read up to ``length`` bytes at ``offset``; shorter only at end of file."""
+    data = os.pread(fd, length, offset)
+    if len(data) == length or not data:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < length:
+        more = os.pread(fd, length - got, offset + got)
+        if not more:
+            break
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
+def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
+
+
+def pwritev_all(fd: int, buffers: list[bytes], offset: int) -> None:
+    """Write several buffers contiguously with as few syscalls as possible."""
+    total = sum(len(b) for b in buffers)
+    written = os.pwritev(fd, buffers, offset)
+    if written < total:
+        pwrite_all(fd, b"".join(buffers)[written:], offset + written)
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def open_backing(path: str) -> int:
+    """Open a backing file for reading and, where permitted, writing."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except PermissionError:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)

@@ -1,0 +1,17 @@
+"""Names inside a backing directory. One place, so fsck, restore and the mount agree.
+
+    BACKING/vcfs.conf    store config (TOML, no secrets)
+    BACKING/files/       the encrypted tree: one backing file per plaintext file,
+                         directories and symlinks mirrored
+Keeping the tree in its own directory means no plaintext name is reserved for vcfs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+TREE_DIR = "files"
+
+
+def tree_path(backing: Path) -> Path:
+    return backing / TREE_DIR
