@@ -17,7 +17,7 @@ from typing import Any
 
 import tomli_w
 
-from vcfs.errors import ConfigError
+from vcfs.errors import ConfigError, UsageError
 from vcfs.keys.uri import Pkcs11Uri, parse_pkcs11_uri
 
 CONFIG_NAME = "vcfs.conf"
@@ -31,6 +31,8 @@ class KekEntry:
     version: int
     uri: Pkcs11Uri
     mechanism: int
+    check_wrapped: bytes = b""  # a probe key wrapped under this KEK (see aead.kek_check_value)
+    check_value: bytes = b""
 
 
 @dataclass(slots=True)
@@ -62,7 +64,16 @@ class StoreConfig:
                         "module": d.module,
                         "embedded": d.embedded,
                         "current": d.current,
-                        "kek": [{"version": k.version, "uri": str(k.uri), "mechanism": k.mechanism} for k in d.keks],
+                        "kek": [
+                            {
+                                "version": k.version,
+                                "uri": str(k.uri),
+                                "mechanism": k.mechanism,
+                                "check_wrapped": k.check_wrapped.hex(),
+                                "check_value": k.check_value.hex(),
+                            }
+                            for k in d.keks
+                        ],
                     }
                     for d in self.domains.values()
                 },
@@ -94,7 +105,7 @@ def _want(table: dict[str, Any], key: str, kind: type, where: str) -> Any:
     if key not in table:
         raise ConfigError(f"store config: missing {where}{key}")
     value = table[key]
-    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+    if (kind is int and isinstance(value, bool)) or not isinstance(value, kind):
         raise ConfigError(f"store config: {where}{key} must be a {kind.__name__}")
     return value
 
@@ -132,11 +143,18 @@ def load_config(backing: Path) -> StoreConfig:
                 raise ConfigError(f"store config: {where}kek entries must be tables")
             try:
                 uri = parse_pkcs11_uri(_want(k, "uri", str, where + "kek."))
-            except ConfigError:
-                raise
-            except Exception as exc:
-                raise ConfigError(f"store config: {where}kek.uri: {exc}") from None
-            entries.append(KekEntry(_want(k, "version", int, where + "kek."), uri, _want(k, "mechanism", int, where)))
+                check_wrapped = bytes.fromhex(k.get("check_wrapped", ""))
+                check_value = bytes.fromhex(k.get("check_value", ""))
+            except UsageError as exc:
+                raise ConfigError(f"store config: {where}kek.uri: {exc.message}") from None
+            except (ValueError, TypeError):
+                raise ConfigError(f"store config: {where}kek check values must be hex strings") from None
+            entries.append(
+                KekEntry(
+                    _want(k, "version", int, where + "kek."), uri, _want(k, "mechanism", int, where + "kek."),
+                    check_wrapped, check_value,
+                )
+            )
         cfg_domain = DomainConfig(
             name, _want(d, "module", str, where), bool(d.get("embedded", False)), _want(d, "current", int, where), entries
         )

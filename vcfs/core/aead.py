@@ -27,6 +27,7 @@ MAC_LEN = 32
 INFO_CONTENT = b"vcfs v1 content key"
 INFO_HEADER_MAC = b"vcfs v1 header mac key"
 INFO_COMMITMENT = b"vcfs v1 key commitment"
+INFO_KEK_CHECK = b"vcfs v1 kek check"
 
 
 def _hkdf(dek: bytes, file_id: bytes, info: bytes) -> bytes:
@@ -91,3 +92,12 @@ def derive_file_keys(dek: bytes, file_id: bytes) -> FileKeys:
         mac_key=_hkdf(dek, file_id, INFO_HEADER_MAC),
         commitment=_hkdf(dek, file_id, INFO_COMMITMENT),
     )
+
+
+def kek_check_value(probe_key: bytes) -> bytes:
+    """Public value proving that a wrapped probe key unwraps to the key it was made from.
+
+    The store config keeps a probe key wrapped under each KEK plus this value, so a mount
+    against the wrong KEK fails at start with a clear message instead of at the first read.
+    """
+    return _hkdf(probe_key, b"", INFO_KEK_CHECK)

@@ -169,6 +169,9 @@ class Pkcs11Provider:
             raise KeyProviderError(f"unknown key domain {domain!r}")
         return KeyRef(domain, self._current[domain])
 
+    def available(self, ref: KeyRef) -> bool:
+        return self._keks.get(ref, (None, None))[0] is not None
+
     def _kek(self, ref: KeyRef) -> tuple[Any, KekSpec]:
         key, spec = self._keks.get(ref, (None, None))
         if key is None or spec is None:

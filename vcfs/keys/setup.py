@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import hmac
 import os
 from dataclasses import dataclass
 
 from vcfs.config import DomainConfig, KekEntry, StoreConfig
-from vcfs.errors import KeyProviderError
+from vcfs.core.aead import kek_check_value, new_dek
+from vcfs.core.header import WRAP_PKCS11_AES_KWP
+from vcfs.errors import HeaderAuthError, KeyProviderError
 from vcfs.keys import embedded
-from vcfs.keys.base import KeyRef
+from vcfs.keys.base import KeyRef, Wrapped
 from vcfs.keys.pin import resolve_pin
 from vcfs.keys.pkcs11 import (
     DEFAULT_WRAP_MECHANISM,
@@ -59,9 +62,34 @@ def open_provider(cfg: StoreConfig, opts: HostKeyOptions) -> Pkcs11Provider:
             )
         embedded.activate(home)
     specs = [KekSpec(KeyRef(domain.name, k.version), k.uri, k.mechanism) for k in domain.keks]
-    return Pkcs11Provider(
-        _module_for(domain, opts), _pin_lookup(domain, opts), specs, {domain.name: domain.current}
+    provider = Pkcs11Provider(_module_for(domain, opts), _pin_lookup(domain, opts), specs, {domain.name: domain.current})
+    try:
+        for k in domain.keks:
+            ref = KeyRef(domain.name, k.version)
+            if k.check_wrapped and provider.available(ref):
+                _verify_check(provider, ref, k)
+    except BaseException:
+        provider.close()
+        raise
+    return provider
+
+
+def _verify_check(provider: Pkcs11Provider, ref: KeyRef, entry: KekEntry) -> None:
+    wrong = KeyProviderError(
+        f"KEK {ref} found in the token is not the key this store was created with",
+        hint="the KEK URI or token points at another key; check --pkcs11-module, the token and VCFS_HOME",
     )
+    try:
+        probe = provider.unwrap(Wrapped(ref, WRAP_PKCS11_AES_KWP, entry.check_wrapped))
+    except HeaderAuthError:
+        raise wrong from None
+    if not hmac.compare_digest(kek_check_value(probe), entry.check_value):
+        raise wrong
+
+
+def _check_values(provider: Pkcs11Provider, ref: KeyRef) -> tuple[bytes, bytes]:
+    probe = new_dek()
+    return provider.wrap(ref, probe).blob, kek_check_value(probe)
 
 
 def init_domain(store_id: str, kek_uri: str | None, opts: HostKeyOptions, name: str = "default") -> DomainConfig:
@@ -77,7 +105,7 @@ def init_domain(store_id: str, kek_uri: str | None, opts: HostKeyOptions, name: 
             generate_kek(session, label, bytes.fromhex(store_id[:16]))
         finally:
             session.close()
-        dom = DomainConfig(name, module, True, 1, [KekEntry(1, uri, DEFAULT_WRAP_MECHANISM)])
+        embedded_token = True
     else:
         uri = parse_pkcs11_uri(kek_uri)
         module = opts.pkcs11_module or uri.module_path
@@ -88,5 +116,12 @@ def init_domain(store_id: str, kek_uri: str | None, opts: HostKeyOptions, name: 
             check_kek_attributes(find_kek(session, uri), str(uri))
         finally:
             session.close()
-        dom = DomainConfig(name, module, False, 1, [KekEntry(1, uri, DEFAULT_WRAP_MECHANISM)])
+        embedded_token = False
+    dom = DomainConfig(name, module, embedded_token, 1, [KekEntry(1, uri, DEFAULT_WRAP_MECHANISM)])
+    provider = open_provider(StoreConfig("", {name: dom}, name), opts)
+    try:
+        wrapped, value = _check_values(provider, KeyRef(name, 1))
+    finally:
+        provider.close()
+    dom.keks[0] = KekEntry(1, uri, DEFAULT_WRAP_MECHANISM, wrapped, value)
     return dom
