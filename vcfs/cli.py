@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from vcfs import __version__
-from vcfs.config import StoreConfig, config_path, save_config
+from vcfs.config import StoreConfig, save_config
 from vcfs.errors import MountError, UsageError, VcfsError
 from vcfs.keys import embedded
 from vcfs.keys.setup import HostKeyOptions, init_domain

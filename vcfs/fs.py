@@ -76,7 +76,7 @@ class VcfsOperations(pyfuse3.Operations):
             return await trio.to_thread.run_sync(fn, *args, limiter=self._hsm if hsm else self._io)
         except IntegrityError as exc:
             self.stats["auth_failures"] += 1
-            log.error("authentication failed: %s", exc.message)
+            log.error("authentication failed: %s: %s", label, exc.message)
             raise pyfuse3.FUSEError(errno.EIO) from None
         except KeyProviderError as exc:
             log.error("key error on %s: %s", label, exc.message)
