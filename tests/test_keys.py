@@ -41,7 +41,10 @@ def test_extractable_or_public_kek_is_refused(store: Path, vcfs_home: Path) -> N
     try:
         with _LOCK:
             weak = session.generate_key(
-                KeyType.AES, 256, label="weak-kek", store=True,
+                KeyType.AES,
+                256,
+                label="weak-kek",
+                store=True,
                 template={Attribute.EXTRACTABLE: True, Attribute.SENSITIVE: False, Attribute.PRIVATE: False},
             )
         with pytest.raises(KeyProviderError, match="unsafe"):
@@ -76,7 +79,12 @@ def test_missing_module_is_a_clear_error(store: Path) -> None:
 
 @pytest.mark.parametrize(
     "uri",
-    ["token=x;object=y", "pkcs11:object=y", "pkcs11:token=x;object=y;type=private", "pkcs11:token=x;object=y?pin-value=1"],
+    [
+        "token=x;object=y",
+        "pkcs11:object=y",
+        "pkcs11:token=x;object=y;type=private",
+        "pkcs11:token=x;object=y?pin-value=1",
+    ],
 )
 def test_bad_kek_uris(uri: str) -> None:
     with pytest.raises(UsageError):
@@ -88,4 +96,3 @@ def test_uri_round_trip() -> None:
     uri = parse_pkcs11_uri(text)
     assert (uri.token, uri.object, uri.id, uri.module_path) == ("my token", "kek", b"\x01\xff", "/usr/lib/x.so")
     assert parse_pkcs11_uri(str(uri)) == uri
-

@@ -28,8 +28,9 @@ def test_empty_file_is_one_final_block() -> None:
     assert plain_to_cipher_size(0) == HEADER_LEN + BLOCK_OVERHEAD
 
 
-@pytest.mark.parametrize("cipher_size", [0, HEADER_LEN, HEADER_LEN + BLOCK_OVERHEAD - 1,
-                                         HEADER_LEN + BLOCK_SIZE + BLOCK_OVERHEAD + 5])
+@pytest.mark.parametrize(
+    "cipher_size", [0, HEADER_LEN, HEADER_LEN + BLOCK_OVERHEAD - 1, HEADER_LEN + BLOCK_SIZE + BLOCK_OVERHEAD + 5]
+)
 def test_impossible_backing_sizes_are_truncation(cipher_size: int) -> None:
     with pytest.raises(TruncatedError):
         cipher_to_plain_size(cipher_size)

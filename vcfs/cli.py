@@ -37,28 +37,44 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vcfs {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("init", help="create an empty encrypted store", description="Create an empty vcfs store in "
-                       "BACKING (an empty or new directory). Without --kek, a KEK is created in the embedded "
-                       "SoftHSM2 token under $VCFS_HOME (default ~/.local/share/vcfs).")
+    p = sub.add_parser(
+        "init",
+        help="create an empty encrypted store",
+        description="Create an empty vcfs store in "
+        "BACKING (an empty or new directory). Without --kek, a KEK is created in the embedded "
+        "SoftHSM2 token under $VCFS_HOME (default ~/.local/share/vcfs).",
+    )
     p.add_argument("backing", type=Path, metavar="BACKING")
     p.add_argument("--kek", metavar="URI", help="existing KEK as a PKCS#11 URI (pkcs11:token=...;object=...)")
     _key_options(p)
 
-    p = sub.add_parser("mount", help="mount a store", description="Mount the store BACKING at MOUNTPOINT. Returns "
-                       "once the mount is live and leaves the daemon running, unless -f is given.")
+    p = sub.add_parser(
+        "mount",
+        help="mount a store",
+        description="Mount the store BACKING at MOUNTPOINT. Returns "
+        "once the mount is live and leaves the daemon running, unless -f is given.",
+    )
     p.add_argument("backing", type=Path, metavar="BACKING")
     p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
     p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground, log to stderr")
     p.add_argument("--log-file", metavar="FILE", help="daemon log (default: $VCFS_HOME/logs/<mountpoint>.log)")
-    p.add_argument("--allow-other", dest="allow_other", action="store_true", default=None,
-                   help="let other users use the mount (default when run as root)")
+    p.add_argument(
+        "--allow-other",
+        dest="allow_other",
+        action="store_true",
+        default=None,
+        help="let other users use the mount (default when run as root)",
+    )
     p.add_argument("--no-allow-other", dest="allow_other", action="store_false")
     p.add_argument("--debug", action="store_true", help="log every FUSE request")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     _key_options(p)
 
-    p = sub.add_parser("umount", help="flush and unmount", description="Flush everything to the backing store and "
-                       "unmount MOUNTPOINT; waits for the daemon to exit.")
+    p = sub.add_parser(
+        "umount",
+        help="flush and unmount",
+        description="Flush everything to the backing store and unmount MOUNTPOINT; waits for the daemon to exit.",
+    )
     p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the daemon (default 120)")
     return parser
@@ -76,8 +92,10 @@ def _mount_key(mountpoint: Path) -> str:
 def cmd_init(args: argparse.Namespace) -> int:
     backing: Path = args.backing
     if backing.exists() and (not backing.is_dir() or any(backing.iterdir())):
-        raise UsageError(f"{backing} exists and is not an empty directory",
-                         hint="vcfs init needs a new or empty directory; nothing was changed")
+        raise UsageError(
+            f"{backing} exists and is not an empty directory",
+            hint="vcfs init needs a new or empty directory; nothing was changed",
+        )
     opts = HostKeyOptions(args.pkcs11_module, args.pin_file)
     store_id = secrets.token_hex(16)
     domain = init_domain(store_id, args.kek, opts)
@@ -88,7 +106,9 @@ def cmd_init(args: argparse.Namespace) -> int:
     print(f"created vcfs store {backing} (id {store_id[:12]})")
     print(f"  KEK {domain.name}/v{kek.version}: {kek.uri}")
     if domain.embedded:
-        print(f"  embedded SoftHSM2 token under {embedded.vcfs_home()} — back it up: without it the store is unreadable")
+        print(
+            f"  embedded SoftHSM2 token under {embedded.vcfs_home()} — back it up: without it the store is unreadable"
+        )
     print(f"mount it with: vcfs mount {backing} MOUNTPOINT")
     return 0
 
@@ -104,12 +124,18 @@ def _daemon_log(args: argparse.Namespace) -> Path:
 
 def cmd_mount(args: argparse.Namespace) -> int:
     opts = MountOptions(
-        backing=args.backing.resolve(), mountpoint=args.mountpoint.resolve(),
-        keys=HostKeyOptions(args.pkcs11_module, args.pin_file), allow_other=args.allow_other, debug=args.debug,
+        backing=args.backing.resolve(),
+        mountpoint=args.mountpoint.resolve(),
+        keys=HostKeyOptions(args.pkcs11_module, args.pin_file),
+        allow_other=args.allow_other,
+        debug=args.debug,
     )
     if args.foreground:
-        logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, stream=sys.stderr,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(
+            level=logging.DEBUG if args.debug else logging.INFO,
+            stream=sys.stderr,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
         run = _run_dir()
         run.mkdir(parents=True, exist_ok=True, mode=0o700)
         pidfile = run / f"{_mount_key(opts.mountpoint)}.pid"
@@ -124,8 +150,17 @@ def cmd_mount(args: argparse.Namespace) -> int:
 def _spawn_daemon(args: argparse.Namespace) -> int:
     logfile = _daemon_log(args)
     read_fd, write_fd = os.pipe()
-    argv = [sys.executable, "-m", "vcfs", "mount", "-f", "--ready-fd", str(write_fd),
-            str(args.backing), str(args.mountpoint)]
+    argv = [
+        sys.executable,
+        "-m",
+        "vcfs",
+        "mount",
+        "-f",
+        "--ready-fd",
+        str(write_fd),
+        str(args.backing),
+        str(args.mountpoint),
+    ]
     for flag, value in (("--pkcs11-module", args.pkcs11_module), ("--pin-file", args.pin_file)):
         if value:
             argv += [flag, value]
@@ -134,8 +169,9 @@ def _spawn_daemon(args: argparse.Namespace) -> int:
     if args.debug:
         argv.append("--debug")
     with open(logfile, "ab") as log:
-        proc = subprocess.Popen(argv, pass_fds=(write_fd,), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            argv, pass_fds=(write_fd,), stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+        )
     os.close(write_fd)
     with os.fdopen(read_fd, "rb") as pipe:
         reply = pipe.read().decode(errors="replace")
@@ -144,7 +180,7 @@ def _spawn_daemon(args: argparse.Namespace) -> int:
         return 0
     proc.wait(timeout=30)
     if reply.startswith("error"):
-        head, message, hint, *_ = (reply.split("\n") + ["", "", ""])
+        head, message, hint, *_ = [*reply.split("\n"), "", "", ""]
         err = VcfsError(message, hint or None)
         err.exit_code = int(head.split()[1])
         raise err
@@ -160,8 +196,10 @@ def cmd_umount(args: argparse.Namespace) -> int:
     res = subprocess.run(["fusermount3", "-u", str(mp)], capture_output=True, text=True)
     if res.returncode != 0:
         busy = "busy" in res.stderr.lower()
-        raise MountError(f"could not unmount {mp}: {res.stderr.strip()}",
-                         hint="close the files still open in it (see: fuser -vm MOUNTPOINT)" if busy else None)
+        raise MountError(
+            f"could not unmount {mp}: {res.stderr.strip()}",
+            hint="close the files still open in it (see: fuser -vm MOUNTPOINT)" if busy else None,
+        )
     deadline = time.monotonic() + args.timeout
     while pid is not None and os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
         try:

@@ -151,12 +151,19 @@ def load_config(backing: Path) -> StoreConfig:
                 raise ConfigError(f"store config: {where}kek check values must be hex strings") from None
             entries.append(
                 KekEntry(
-                    _want(k, "version", int, where + "kek."), uri, _want(k, "mechanism", int, where + "kek."),
-                    check_wrapped, check_value,
+                    _want(k, "version", int, where + "kek."),
+                    uri,
+                    _want(k, "mechanism", int, where + "kek."),
+                    check_wrapped,
+                    check_value,
                 )
             )
         cfg_domain = DomainConfig(
-            name, _want(d, "module", str, where), bool(d.get("embedded", False)), _want(d, "current", int, where), entries
+            name,
+            _want(d, "module", str, where),
+            bool(d.get("embedded", False)),
+            _want(d, "current", int, where),
+            entries,
         )
         if cfg_domain.current not in {k.version for k in entries}:
             raise ConfigError(f"store config: {where}current names a KEK version that is not listed")

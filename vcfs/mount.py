@@ -84,8 +84,10 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
         try:
             pyfuse3.init(ops, str(opts.mountpoint), options)
         except RuntimeError as exc:
-            raise MountError(f"could not mount at {opts.mountpoint}: {exc}",
-                             hint="check that /dev/fuse exists and fuse3 is installed") from None
+            raise MountError(
+                f"could not mount at {opts.mountpoint}: {exc}",
+                hint="check that /dev/fuse exists and fuse3 is installed",
+            ) from None
         mounted = True
     except VcfsError as exc:
         _report(ready_fd, f"error {exc.exit_code}\n{exc.message}\n{exc.hint or ''}\n")

@@ -49,7 +49,7 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def open_backing(path: str) -> int:
+def open_backing(path: str | bytes) -> int:
     """Open a backing file for reading and, where permitted, writing."""
     try:
         return os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)

@@ -47,8 +47,16 @@ class Preamble:
 
     def encode(self) -> bytes:
         return _PREAMBLE.pack(
-            MAGIC, self.version, HEADER_LEN, BLOCK_SHIFT, self.cipher, SLOT_COUNT, self.kdf,
-            self.file_id, self.commitment, b"\0" * 4,
+            MAGIC,
+            self.version,
+            HEADER_LEN,
+            BLOCK_SHIFT,
+            self.cipher,
+            SLOT_COUNT,
+            self.kdf,
+            self.file_id,
+            self.commitment,
+            b"\0" * 4,
         )
 
     @property
@@ -120,9 +128,7 @@ def slot_offset(index: int) -> int:
 def parse_preamble(data: bytes) -> Preamble:
     if len(data) < PREAMBLE_LEN:
         raise FormatError(f"header is {len(data)} bytes, expected {HEADER_LEN}")
-    magic, version, hlen, shift, cipher, nslots, kdf, file_id, commitment, reserved = _PREAMBLE.unpack_from(
-        data
-    )
+    magic, version, hlen, shift, cipher, nslots, kdf, file_id, commitment, reserved = _PREAMBLE.unpack_from(data)
     if magic != MAGIC:
         raise FormatError("not a vcfs file (bad magic)")
     if version != VERSION:

@@ -70,7 +70,10 @@ def ensure_token(home: Path) -> None:
     try:
         subprocess.run(
             ["softhsm2-util", "--init-token", "--free", "--label", TOKEN_LABEL, "--so-pin", so_pin, "--pin", user_pin],
-            check=True, capture_output=True, text=True, env=os.environ.copy(),
+            check=True,
+            capture_output=True,
+            text=True,
+            env=os.environ.copy(),
         )
     except FileNotFoundError:
         raise KeyProviderError("softhsm2-util not found", hint="apt-get install softhsm2") from None

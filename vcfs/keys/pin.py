@@ -17,9 +17,7 @@ def read_pin_file(path: Path) -> str:
     try:
         st = path.stat()
         if stat.S_IMODE(st.st_mode) & 0o077:
-            raise KeyProviderError(
-                f"PIN file {path} is readable by group or others", hint=f"chmod 600 {path}"
-            )
+            raise KeyProviderError(f"PIN file {path} is readable by group or others", hint=f"chmod 600 {path}")
         pin = path.read_text().strip()
     except FileNotFoundError:
         raise KeyProviderError(f"PIN file {path} not found") from None

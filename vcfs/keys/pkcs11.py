@@ -12,6 +12,7 @@ C_UnwrapKey. File data is never encrypted by the token.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Callable, Iterable
@@ -143,8 +144,9 @@ def generate_kek(session: Any, label: str, key_id: bytes) -> None:
 class Pkcs11Provider:
     """Wraps and unwraps DEKs under KEKs held in one or more tokens of one module."""
 
-    def __init__(self, module_path: str, pin_for_token: Callable[[str], str], keks: Iterable[KekSpec],
-                 current: dict[str, int]) -> None:
+    def __init__(
+        self, module_path: str, pin_for_token: Callable[[str], str], keks: Iterable[KekSpec], current: dict[str, int]
+    ) -> None:
         self._module_path = module_path
         self._sessions: dict[str, Any] = {}
         self._keks: dict[KeyRef, tuple[Any, KekSpec]] = {}
@@ -185,14 +187,16 @@ class Pkcs11Provider:
         kek, spec = self._kek(ref)
         session = self._sessions[spec.uri.token or ""]
         with _LOCK:
-            obj = session.create_object({
-                Attribute.CLASS: ObjectClass.SECRET_KEY,
-                Attribute.KEY_TYPE: KeyType.AES,
-                Attribute.VALUE: dek,
-                Attribute.TOKEN: False,
-                Attribute.SENSITIVE: False,
-                Attribute.EXTRACTABLE: True,
-            })
+            obj = session.create_object(
+                {
+                    Attribute.CLASS: ObjectClass.SECRET_KEY,
+                    Attribute.KEY_TYPE: KeyType.AES,
+                    Attribute.VALUE: dek,
+                    Attribute.TOKEN: False,
+                    Attribute.SENSITIVE: False,
+                    Attribute.EXTRACTABLE: True,
+                }
+            )
             try:
                 blob = kek.wrap_key(obj, mechanism=Mechanism(spec.mechanism))
             except p11e.PKCS11Error as exc:
@@ -208,8 +212,11 @@ class Pkcs11Provider:
         with _LOCK:
             try:
                 obj = kek.unwrap_key(
-                    ObjectClass.SECRET_KEY, KeyType.AES, wrapped.blob,
-                    mechanism=Mechanism(spec.mechanism), store=False,
+                    ObjectClass.SECRET_KEY,
+                    KeyType.AES,
+                    wrapped.blob,
+                    mechanism=Mechanism(spec.mechanism),
+                    store=False,
                     template={Attribute.SENSITIVE: False, Attribute.EXTRACTABLE: True, Attribute.TOKEN: False},
                 )
             except p11e.PKCS11Error:
@@ -231,8 +238,6 @@ class Pkcs11Provider:
     def close(self) -> None:
         with _LOCK:
             for session in self._sessions.values():
-                try:
+                with contextlib.suppress(p11e.PKCS11Error):
                     session.close()
-                except p11e.PKCS11Error:
-                    pass
             self._sessions.clear()

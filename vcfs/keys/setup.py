@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hmac
-import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from vcfs.config import DomainConfig, KekEntry, StoreConfig
@@ -41,7 +41,7 @@ def _module_for(domain: DomainConfig, opts: HostKeyOptions) -> str:
     return domain.module
 
 
-def _pin_lookup(domain: DomainConfig, opts: HostKeyOptions):  # type: ignore[no-untyped-def]
+def _pin_lookup(domain: DomainConfig, opts: HostKeyOptions) -> Callable[[str], str]:
     home = embedded.vcfs_home()
     emb = embedded.pin_path(home) if domain.embedded else None
     pin_source = next((k.uri.pin_source for k in domain.keks if k.uri.pin_source), None)
@@ -53,7 +53,7 @@ def open_provider(cfg: StoreConfig, opts: HostKeyOptions) -> Pkcs11Provider:
     if len(cfg.domains) != 1:
         raise KeyProviderError("stores with several key domains are not supported by this vcfs version")
     domain = cfg.domains[cfg.default_domain]
-    if domain.embedded and not os.environ.get("SOFTHSM2_CONF"):
+    if domain.embedded:  # the embedded token is always the one under VCFS_HOME
         home = embedded.vcfs_home()
         if not embedded.conf_path(home).exists():
             raise KeyProviderError(
@@ -62,7 +62,9 @@ def open_provider(cfg: StoreConfig, opts: HostKeyOptions) -> Pkcs11Provider:
             )
         embedded.activate(home)
     specs = [KekSpec(KeyRef(domain.name, k.version), k.uri, k.mechanism) for k in domain.keks]
-    provider = Pkcs11Provider(_module_for(domain, opts), _pin_lookup(domain, opts), specs, {domain.name: domain.current})
+    provider = Pkcs11Provider(
+        _module_for(domain, opts), _pin_lookup(domain, opts), specs, {domain.name: domain.current}
+    )
     try:
         for k in domain.keks:
             ref = KeyRef(domain.name, k.version)
@@ -108,9 +110,10 @@ def init_domain(store_id: str, kek_uri: str | None, opts: HostKeyOptions, name: 
         embedded_token = True
     else:
         uri = parse_pkcs11_uri(kek_uri)
-        module = opts.pkcs11_module or uri.module_path
-        if not module:
+        given = opts.pkcs11_module or uri.module_path
+        if not given:
             raise KeyProviderError("no PKCS#11 module given for --kek", hint="pass --pkcs11-module PATH")
+        module = given
         session = open_session(module, uri.token or "", resolve_pin(opts.pin_file, uri.pin_source, None))
         try:
             check_kek_attributes(find_kek(session, uri), str(uri))
