@@ -114,3 +114,9 @@ def test_umount_of_something_else(vcfs_home: Path, tmp_path: Path) -> None:
 def test_umount_busy_names_the_cause(mounted: Mounted) -> None:
     with open(mounted.mnt / "open.txt", "w"):
         _fails(["umount", str(mounted.mnt)], 5, "could not unmount")
+
+
+def test_second_mount_of_one_store_is_refused(mounted: Mounted, tmp_path: Path) -> None:
+    other = tmp_path / "mnt2"
+    other.mkdir()
+    _fails(["mount", str(mounted.backing), str(other)], 5, "already mounted by another vcfs daemon")

@@ -1,6 +1,7 @@
 """Names inside a backing directory. One place, so fsck, restore and the mount agree.
 
     BACKING/vcfs.conf    store config (TOML, no secrets)
+    BACKING/vcfs.lock    held (flock) by the one daemon serving the store; holds its pid
     BACKING/files/       the encrypted tree: one backing file per plaintext file,
                          directories and symlinks mirrored
 Keeping the tree in its own directory means no plaintext name is reserved for vcfs.
@@ -11,7 +12,12 @@ from __future__ import annotations
 from pathlib import Path
 
 TREE_DIR = "files"
+LOCK_NAME = "vcfs.lock"
 
 
 def tree_path(backing: Path) -> Path:
     return backing / TREE_DIR
+
+
+def lock_path(backing: Path) -> Path:
+    return backing / LOCK_NAME
