@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from vcfs.config import load_config
-from vcfs.core.layout import BLOCK_SIZE, CIPHER_BLOCK_SIZE, HEADER_LEN, block_no_to_cipher_off
+from vcfs.core.layout import BLOCK_OVERHEAD, BLOCK_SIZE, CIPHER_BLOCK_SIZE, HEADER_LEN, block_no_to_cipher_off
 from vcfs.cryptfile import CryptFile, create_cryptfile, open_cryptfile
 from vcfs.errors import BlockAuthError, IntegrityError, TruncatedError
 from vcfs.keys.pkcs11 import Pkcs11Provider
@@ -158,3 +158,25 @@ def test_crash_between_new_end_and_reseal_leaves_file_readable(provider: Pkcs11P
     cf = _reopen(provider, a)
     assert cf.read(0, len(data)) == data
     cf.close()
+
+
+@pytest.mark.parametrize("cut", [10, BLOCK_OVERHEAD - 1, 1000])
+def test_torn_tail_is_detected(provider: Pkcs11Provider, tmp_path: Path, cut: int) -> None:
+    """A file cut inside a block: the last whole block must prove it is final, and cannot."""
+    path = tmp_path / "torn"
+    data = os.urandom(2 * BLOCK_SIZE + 5000)
+    _write_file(provider, path, data)
+    os.truncate(path, block_no_to_cipher_off(2) + cut)
+    cf = _reopen(provider, path)
+    assert cf.read(0, BLOCK_SIZE) == data[:BLOCK_SIZE]
+    with pytest.raises(IntegrityError):
+        cf.read(0, 3 * BLOCK_SIZE)
+    cf.close()
+
+
+def test_header_only_file_does_not_open(provider: Pkcs11Provider, tmp_path: Path) -> None:
+    path = tmp_path / "cut"
+    _write_file(provider, path, b"abc")
+    os.truncate(path, HEADER_LEN + 5)
+    with pytest.raises(TruncatedError):
+        _reopen(provider, path)

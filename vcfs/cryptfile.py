@@ -41,7 +41,7 @@ from vcfs.core.layout import (
     block_count,
     block_len,
     block_no_to_cipher_off,
-    cipher_to_plain_size_or_floor,
+    cipher_to_plain_size,
     plain_off_to_block_no,
 )
 from vcfs.errors import (
@@ -75,10 +75,18 @@ class CryptFile:
         self._slot = slot
         self._slot_index = slot_index
         self.disk_size = os.fstat(fd).st_size
-        body = self.disk_size - HEADER_LEN
-        self.disk_blocks = 0 if body <= 0 else -(-body // CIPHER_BLOCK_SIZE)
         self.disk_last_final = True  # what the on-disk last block must authenticate as
-        self.size = cipher_to_plain_size_or_floor(self.disk_size)
+        try:
+            self.size = cipher_to_plain_size(self.disk_size)
+            self.disk_blocks = block_count(self.size)
+        except TruncatedError:
+            # A torn or cut tail: only whole blocks count, and the last of them has to prove it
+            # is final, which it cannot. Reads of it fail; fsck --repair fixes the file.
+            whole = max(self.disk_size - HEADER_LEN, 0) // CIPHER_BLOCK_SIZE
+            if whole == 0:
+                raise TruncatedError(f"{label}: no complete block after the header", hint="run vcfs fsck") from None
+            self.disk_blocks = whole
+            self.size = whole * BLOCK_SIZE
         self.dirty: dict[int, bytearray] = {}
         self.final_cache: tuple[int, bytes] | None = None
         self.seals_used = slot.seals  # conservative: the persisted value is an upper bound
