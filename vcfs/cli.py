@@ -8,20 +8,25 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import logging
 import os
 import secrets
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from vcfs import __version__
 from vcfs.config import StoreConfig, save_config
 from vcfs.errors import MountError, UsageError, VcfsError
+from vcfs.export import decrypt_file, export
+from vcfs.fsck import fsck
 from vcfs.keys import embedded
 from vcfs.keys.setup import HostKeyOptions, init_domain
 from vcfs.mount import MountOptions, mounted_vcfs, serve
+from vcfs.offline import OfflineStore, find_store, open_store
 from vcfs.storelayout import tree_path
 
 
@@ -77,6 +82,44 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the daemon (default 120)")
+
+    p = sub.add_parser(
+        "fsck",
+        help="check (and repair) every header and block",
+        description="Check every header and every block of the store, including each file's end mark. Works on a "
+        "mounted store and on a backup copy. Exit 0: clean; 1: problems found and all repaired; 2: problems left.",
+    )
+    p.add_argument("backing", type=Path, metavar="BACKING")
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="cut torn or unterminated file tails after their last authentic block (removed bytes go to "
+        "BACKING/quarantine/); needs the store unmounted",
+    )
+    p.add_argument("--json", action="store_true", help="print a machine-readable summary")
+    _key_options(p)
+
+    p = sub.add_parser(
+        "export",
+        help="decrypt a store or subtree to a directory, offline",
+        description="Restore plaintext without mounting: decrypt BACKING (or SUBPATH inside it) into DEST, a new or "
+        "empty directory. A damaged file is written as NAME.vcfs-partial holding its authentic prefix.",
+    )
+    p.add_argument("backing", type=Path, metavar="BACKING")
+    p.add_argument("subpath", nargs="?", metavar="SUBPATH", help="path inside the store (default: everything)")
+    p.add_argument("dest", type=Path, metavar="DEST")
+    p.add_argument("--json", action="store_true", help="print a machine-readable summary")
+    _key_options(p)
+
+    p = sub.add_parser(
+        "decrypt",
+        help="decrypt one backing file, offline",
+        description="Decrypt one backing file (BACKING/files/...) to OUT ('-' for stdout). The store is found from "
+        "the file's path.",
+    )
+    p.add_argument("backing_file", type=Path, metavar="BACKINGFILE")
+    p.add_argument("out", metavar="OUT")
+    _key_options(p)
     return parser
 
 
@@ -213,7 +256,84 @@ def cmd_umount(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"init": cmd_init, "mount": cmd_mount, "umount": cmd_umount}
+def _progress(label: str, as_bytes: bool = False) -> Callable[[int, int], None] | None:
+    """A one-line progress bar on a terminal; nothing when stderr is not one."""
+    if not sys.stderr.isatty():
+        return None
+    last = [0.0]
+
+    def show(done: int, total: int) -> None:
+        now = time.monotonic()
+        if done < total and now - last[0] < 0.1:
+            return
+        last[0] = now
+        frac = done / total if total else 1.0
+        bar = "#" * int(frac * 30)
+        amount = f"{done / 2**20:.0f}/{total / 2**20:.0f} MiB" if as_bytes else f"{done}/{total}"
+        end = "\n" if done >= total else ""
+        print(f"\r{label} [{bar:<30}] {frac:4.0%} {amount}", end=end, file=sys.stderr, flush=True)
+
+    return show
+
+
+def _store(args: argparse.Namespace) -> OfflineStore:
+    return open_store(args.backing.resolve(), HostKeyOptions(args.pkcs11_module, args.pin_file))
+
+
+def cmd_fsck(args: argparse.Namespace) -> int:
+    store = _store(args)
+    try:
+        report = fsck(store, args.repair, _progress("fsck"))
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        for p in report.problems:
+            where = f" block {p.block}" if p.block is not None else ""
+            state = " [repaired; removed bytes in " + str(p.quarantined) + "]" if p.repaired else ""
+            print(f"{p.path}:{where} {p.kind}: {p.detail}{state}")
+        print(f"{report.files} files, {report.blocks} blocks, {report.bytes} bytes checked; "
+              f"{len(report.problems)} problems, {sum(p.repaired for p in report.problems)} repaired")
+    return report.exit_code
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    store = _store(args)
+    try:
+        report = export(store, args.subpath, args.dest, _progress("export", as_bytes=True))
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        for p in report.problems:
+            print(f"{p['path']}: {p['error']} (authentic prefix in {p['partial']})")
+        print(f"exported {report.files} files ({report.bytes} bytes), {report.dirs} directories, "
+              f"{report.symlinks} symlinks to {args.dest}; {len(report.problems)} damaged")
+    return report.exit_code
+
+
+def cmd_decrypt(args: argparse.Namespace) -> int:
+    backing, _rel = find_store(args.backing_file)
+    store = open_store(backing, HostKeyOptions(args.pkcs11_module, args.pin_file))
+    try:
+        size = decrypt_file(store, args.backing_file.resolve(), args.out)
+    finally:
+        store.close()
+    if args.out != "-":
+        print(f"decrypted {size} bytes to {args.out}")
+    return 0
+
+
+COMMANDS = {
+    "init": cmd_init,
+    "mount": cmd_mount,
+    "umount": cmd_umount,
+    "fsck": cmd_fsck,
+    "export": cmd_export,
+    "decrypt": cmd_decrypt,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,6 +50,7 @@ from vcfs.errors import (
     KeyProviderError,
     SealLimitError,
     TruncatedError,
+    UnterminatedError,
 )
 from vcfs.keys.base import KeyRef, Wrapped
 from vcfs.store import fsync_dir, pread_exact, pwrite_all, pwritev_all
@@ -76,6 +77,7 @@ class CryptFile:
         self._slot_index = slot_index
         self.disk_size = os.fstat(fd).st_size
         self.disk_last_final = True  # what the on-disk last block must authenticate as
+        self.torn_tail = False  # bytes after the last whole block that cannot be a block
         try:
             self.size = cipher_to_plain_size(self.disk_size)
             self.disk_blocks = block_count(self.size)
@@ -83,10 +85,9 @@ class CryptFile:
             # A torn or cut tail: only whole blocks count, and the last of them has to prove it
             # is final, which it cannot. Reads of it fail; fsck --repair fixes the file.
             whole = max(self.disk_size - HEADER_LEN, 0) // CIPHER_BLOCK_SIZE
-            if whole == 0:
-                raise TruncatedError(f"{label}: no complete block after the header", hint="run vcfs fsck") from None
             self.disk_blocks = whole
             self.size = whole * BLOCK_SIZE
+            self.torn_tail = True
         self.dirty: dict[int, bytearray] = {}
         self.final_cache: tuple[int, bytes] | None = None
         self.seals_used = slot.seals  # conservative: the persisted value is an upper bound
@@ -111,7 +112,7 @@ class CryptFile:
                 return open_block(self._keys, self._bound, block_no, self.disk_last_final, sealed)
             except BlockAuthError:
                 if self.disk_last_final and _opens_as(self, block_no, False, sealed):
-                    raise TruncatedError(
+                    raise UnterminatedError(
                         f"{self.label}: file ends at block {block_no}, which was not sealed as final: truncated",
                         hint="run vcfs fsck to find the last authentic block",
                     ) from None
@@ -319,6 +320,30 @@ class CryptFile:
         for b in todo:
             del self.dirty[b]
 
+    def repair_tail(self, keep_blocks: int) -> None:
+        """Cut the file after its first ``keep_blocks`` authentic blocks, seal the last final (fsck).
+
+        The caller has checked blocks 0..keep_blocks-1 and saved what lies beyond them.
+        """
+        with self.lock:
+            last = max(keep_blocks - 1, 0)
+            plain = b""
+            if keep_blocks > 0:
+                raw = pread_exact(self.fd, CIPHER_BLOCK_SIZE, block_no_to_cipher_off(last))
+                try:
+                    plain = open_block(self._keys, self._bound, last, False, raw)
+                except BlockAuthError:
+                    plain = open_block(self._keys, self._bound, last, True, raw)
+            self.dirty.clear()
+            os.ftruncate(self.fd, block_no_to_cipher_off(last))
+            self._reserve_seals(1)
+            pwrite_all(self.fd, self._seal(last, True, plain), block_no_to_cipher_off(last))
+            os.fsync(self.fd)
+            self.disk_blocks, self.disk_last_final, self.torn_tail = last + 1, True, False
+            self.size = last * BLOCK_SIZE + len(plain)
+            self.disk_size = block_no_to_cipher_off(last) + BLOCK_OVERHEAD + len(plain)
+            self.final_cache = (last, bytes(plain))
+
     def flush(self) -> None:
         """Seal and write everything held in memory (close(2) semantics; no sync)."""
         with self.lock:
@@ -337,7 +362,11 @@ class CryptFile:
             try:
                 self._flush(keep_tail=False)
                 if self.seals_used != self.seals_persisted and self.seals_used < self.seals_persisted:
+                    # Bookkeeping, not a change of content: keep the times the data (or a
+                    # utimens) left, or every close would move mtime to the moment of release.
+                    st = os.fstat(self.fd)
                     self._write_slot(self.seals_used)
+                    os.utime(self.fd, ns=(st.st_atime_ns, st.st_mtime_ns))
             finally:
                 os.close(self.fd)
                 self.fd = -1
@@ -351,7 +380,7 @@ def _opens_as(cf: CryptFile, block_no: int, final: bool, sealed: bytes | memoryv
         return False
 
 
-def open_cryptfile(fd: int, label: str, unwrap: Unwrap) -> CryptFile:
+def open_cryptfile(fd: int, label: str, unwrap: Unwrap, allow_damaged: bool = False) -> CryptFile:
     """Authenticate the header of an existing backing file and return its engine.
 
     Tries the newest slot first and falls back to the other (a crash during a slot update
@@ -367,7 +396,10 @@ def open_cryptfile(fd: int, label: str, unwrap: Unwrap) -> CryptFile:
         except (HeaderAuthError, KeyProviderError) as exc:
             errors.append(exc)
             continue
-        return CryptFile(fd, header, index, keys, label)
+        cf = CryptFile(fd, header, index, keys, label)
+        if cf.disk_blocks == 0 and not allow_damaged:
+            raise TruncatedError(f"{label}: no complete block after the header", hint="run vcfs fsck")
+        return cf
     raise errors[0] if errors else HeaderAuthError(f"{label}: no usable key slot")
 
 

@@ -49,6 +49,10 @@ class MountError(VcfsError):
     exit_code = 5
 
 
+class BusyError(MountError):
+    """The store is in use by another vcfs daemon."""
+
+
 class FormatError(VcfsError):
     """A backing file is not in a format this vcfs can read (exit 6)."""
 
@@ -82,6 +86,10 @@ class BlockAuthError(IntegrityError):
 
 class TruncatedError(IntegrityError):
     """The file does not end with a block sealed as final: it was cut short."""
+
+
+class UnterminatedError(TruncatedError):
+    """The last block is authentic but sealed as an inner block: the file's end is missing."""
 
 
 class SealLimitError(VcfsError):

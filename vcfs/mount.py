@@ -7,7 +7,6 @@ handed back as a one-line message instead of being lost in a log file.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import signal
@@ -21,7 +20,8 @@ from vcfs.config import load_config
 from vcfs.errors import MountError, VcfsError
 from vcfs.fs import VcfsOperations
 from vcfs.keys.setup import HostKeyOptions, open_provider
-from vcfs.storelayout import lock_path, tree_path
+from vcfs.store import lock_store
+from vcfs.storelayout import tree_path
 
 log = logging.getLogger("vcfs.mount")
 
@@ -53,31 +53,6 @@ def check_mountpoint(mountpoint: Path) -> None:
         raise MountError(f"mount point {mountpoint} is not a directory", hint=f"mkdir -p {mountpoint}")
     if os.path.ismount(mountpoint):
         raise MountError(f"{mountpoint} is already a mount point", hint=f"vcfs umount {mountpoint}")
-
-
-def lock_store(backing: Path) -> int:
-    """Take the store's writer lock for the daemon's lifetime (released when it exits).
-
-    Two daemons over one backing directory would each keep their own open-block buffers
-    and seal counts for the same files; the second is refused instead.
-    """
-    path = lock_path(backing)
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    except OSError as exc:
-        raise MountError(f"cannot create lock file {path}: {exc.strerror}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise MountError(
-            f"store {backing} is already mounted by another vcfs daemon (pid {holder})",
-            hint="unmount it there first; one daemon serves a store at a time",
-        ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
 
 
 def _report(ready_fd: int | None, text: str) -> None:

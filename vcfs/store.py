@@ -6,7 +6,12 @@ as OSError for the adapter to turn into errno replies.
 
 from __future__ import annotations
 
+import fcntl
 import os
+from pathlib import Path
+
+from vcfs.errors import BusyError
+from vcfs.storelayout import lock_path
 
 
 def pread_exact(fd: int, length: int, offset: int) -> bytes:
@@ -55,3 +60,28 @@ def open_backing(path: str | bytes) -> int:
         return os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
     except PermissionError:
         return os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+
+
+def lock_store(backing: Path) -> int:
+    """Take the store's writer lock for the daemon's lifetime (released when it exits).
+
+    Two daemons over one backing directory would each keep their own open-block buffers
+    and seal counts for the same files; the second is refused instead.
+    """
+    path = lock_path(backing)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise BusyError(f"cannot create lock file {path}: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise BusyError(
+            f"store {backing} is already mounted by another vcfs daemon (pid {holder})",
+            hint="unmount it there first; one daemon serves a store at a time",
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd

@@ -21,3 +21,6 @@ def tree_path(backing: Path) -> Path:
 
 def lock_path(backing: Path) -> Path:
     return backing / LOCK_NAME
+
+
+QUARANTINE_DIR = "quarantine"  # fsck --repair keeps removed ciphertext here

@@ -1,0 +1,146 @@
+"""Check every header and block of a store; with repair, cut torn or unterminated tails.
+
+What can be repaired without losing authentic data: a file whose damage is only at its end
+(a torn last write, or a crash before the final block was written). fsck cuts it after its
+last authentic block, seals that block final, and keeps the removed bytes in
+BACKING/quarantine/. Damage inside a file (a bad block followed by good ones) or in its
+header is reported, never "repaired" by dropping data: reads of that range keep failing
+with EIO and the rest of the file stays readable.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from vcfs.core.layout import BLOCK_SIZE, block_no_to_cipher_off
+from vcfs.cryptfile import CryptFile
+from vcfs.errors import FormatError, IntegrityError, KeyProviderError, UnterminatedError, VcfsError
+from vcfs.offline import OfflineStore, walk
+from vcfs.store import lock_store, pread_exact
+from vcfs.storelayout import QUARANTINE_DIR
+
+CHUNK_BLOCKS = 16
+EXIT_CLEAN, EXIT_REPAIRED, EXIT_PROBLEMS = 0, 1, 2
+
+
+@dataclass
+class Problem:
+    path: str  # relative to the tree
+    kind: str  # header | block | tail
+    detail: str
+    block: int | None = None
+    repaired: bool = False
+    quarantined: str | None = None
+
+
+@dataclass
+class FsckReport:
+    files: int = 0
+    blocks: int = 0
+    bytes: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        if any(not p.repaired for p in self.problems):
+            return EXIT_PROBLEMS
+        return EXIT_REPAIRED if self.problems else EXIT_CLEAN
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "files": self.files,
+            "blocks": self.blocks,
+            "bytes": self.bytes,
+            "exit_code": self.exit_code,
+            "problems": [asdict(p) for p in self.problems],
+        }
+
+
+def _bad_blocks(cf: CryptFile) -> list[tuple[int, IntegrityError]]:
+    """Every block that fails authentication (in chunks; block by block only where one fails)."""
+    bad = []
+    for first in range(0, cf.disk_blocks, CHUNK_BLOCKS):
+        count = min(CHUNK_BLOCKS, cf.disk_blocks - first)
+        try:
+            cf.read(first * BLOCK_SIZE, count * BLOCK_SIZE)
+            continue
+        except IntegrityError:
+            pass
+        for b in range(first, first + count):
+            try:
+                cf.read(b * BLOCK_SIZE, BLOCK_SIZE)
+            except IntegrityError as exc:
+                bad.append((b, exc))
+    return bad
+
+
+def _quarantine(store: OfflineStore, rel: str, cf: CryptFile, from_block: int) -> str:
+    qdir = store.backing / QUARANTINE_DIR
+    qdir.mkdir(exist_ok=True, mode=0o700)
+    name = rel.replace("/", "%2F") + time.strftime(".%Y%m%dT%H%M%SZ", time.gmtime()) + ".tail"
+    start = block_no_to_cipher_off(from_block)
+    with open(qdir / name, "wb") as out:
+        out.write(pread_exact(cf.fd, os.fstat(cf.fd).st_size - start, start))
+        out.flush()
+        os.fsync(out.fileno())
+    return f"{QUARANTINE_DIR}/{name}"
+
+
+def _check_file(store: OfflineStore, path: Path, rel: str, repair: bool, report: FsckReport) -> None:
+    try:
+        cf = store.open_file(path, writable=repair, allow_damaged=True)
+    except (FormatError, KeyProviderError) as exc:
+        report.problems.append(Problem(rel, "header", exc.message))
+        return
+    try:
+        report.blocks += cf.disk_blocks
+        report.bytes += cf.size
+        bad = _bad_blocks(cf)
+        tail_only = all(b == cf.disk_blocks - 1 for b, _ in bad)
+        if not bad and not cf.torn_tail and cf.disk_blocks > 0:
+            return
+        for b, err in bad:
+            if not (tail_only and b == cf.disk_blocks - 1):
+                report.problems.append(Problem(rel, "block", err.message, block=b))
+        if not tail_only:
+            return
+        # A last block that is authentic but sealed inner only lacks the end mark: keep it.
+        keep = cf.disk_blocks - (1 if bad and not isinstance(bad[0][1], UnterminatedError) else 0)
+        detail = "file ends in a torn or unterminated block" if bad or cf.torn_tail else "no complete block"
+        problem = Problem(rel, "tail", f"{detail}; {keep} authentic blocks before it", block=keep)
+        if repair:
+            problem.quarantined = _quarantine(store, rel, cf, keep)
+            cf.repair_tail(keep)
+            problem.repaired = True
+        report.problems.append(problem)
+    finally:
+        cf.close()
+
+
+def fsck(
+    store: OfflineStore, repair: bool, progress: Callable[[int, int], None] | None = None
+) -> FsckReport:
+    lock_fd = lock_store(store.backing) if repair else None  # repair only on an unmounted store
+    try:
+        entries = [(p, st) for p, st in walk(store.tree) if stat.S_ISREG(st.st_mode)]
+        report = FsckReport()
+        for i, (path, _st) in enumerate(entries):
+            report.files += 1
+            rel = str(path.relative_to(store.tree))
+            try:
+                _check_file(store, path, rel, repair, report)
+            except VcfsError as exc:
+                report.problems.append(Problem(rel, "header", exc.message))
+            except OSError as exc:
+                report.problems.append(Problem(rel, "io", f"{exc.strerror}"))
+            if progress:
+                progress(i + 1, len(entries))
+        return report
+    finally:
+        if lock_fd is not None:
+            os.close(lock_fd)
