@@ -23,7 +23,7 @@ import os
 import threading
 from collections.abc import Callable
 
-from vcfs.core.aead import FileKeys, derive_file_keys, new_dek, new_file_id
+from vcfs.core.aead import DEK_LEN, FileKeys, derive_file_keys, new_dek, new_file_id
 from vcfs.core.blocks import open_block, seal_block
 from vcfs.core.header import (
     Header,
@@ -391,6 +391,8 @@ def open_cryptfile(fd: int, label: str, unwrap: Unwrap, allow_damaged: bool = Fa
     for index, slot in header.candidates():
         try:
             dek = unwrap(Wrapped(KeyRef(slot.domain, slot.kek_version), slot.wrap_alg, slot.wrapped))
+            if len(dek) != DEK_LEN:
+                raise HeaderAuthError(f"{label}: key slot {index} unwraps to a {len(dek)}-byte key, not a DEK")
             keys = derive_file_keys(dek, header.preamble.file_id)
             verify_slot(header.preamble, slot, keys)
         except (HeaderAuthError, KeyProviderError) as exc:

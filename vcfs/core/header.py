@@ -160,6 +160,8 @@ def parse_slot(data: bytes) -> KeySlot | None:
         raise HeaderAuthError("malformed key slot")
     domain_b = data[start : start + dlen]
     wrapped = data[start + dlen : start + dlen + wlen]
+    if any(data[start + dlen + wlen : SLOT_BODY_LEN]):
+        raise HeaderAuthError("malformed key slot (padding is not zero)")  # the MAC covers re-encoded fields
     try:
         domain = domain_b.decode()
     except UnicodeDecodeError:

@@ -203,6 +203,13 @@ class Pkcs11Provider:
                 raise KeyProviderError(f"HSM refused to wrap under KEK {ref}: {type(exc).__name__}") from None
             finally:
                 obj.destroy()
+        if len(blob) != len(dek) + 8:
+            # RFC 5649 adds exactly 8 bytes to a 32-byte key. Tokens that give 0x210A another meaning
+            # (PKCS#11 3.x: PKCS#7 padding + RFC 3394) would otherwise be recorded as RFC 5649.
+            raise KeyProviderError(
+                f"wrap mechanism {spec.mechanism:#x} of KEK {ref} does not produce RFC 5649 output",
+                hint="set the KEK's mechanism to the token's RFC 5649 code (0x210B on PKCS#11 3.x tokens)",
+            )
         return Wrapped(ref, WRAP_PKCS11_AES_KWP, bytes(blob))
 
     def unwrap(self, wrapped: Wrapped) -> bytes:
