@@ -7,8 +7,8 @@ import os
 from pathlib import Path
 
 import pytest
-
 from conftest import Mounted, run_vcfs
+
 from vcfs.core.layout import BLOCK_SIZE, block_no_to_cipher_off
 
 pytestmark = pytest.mark.mount

@@ -293,8 +293,10 @@ def cmd_fsck(args: argparse.Namespace) -> int:
             where = f" block {p.block}" if p.block is not None else ""
             state = " [repaired; removed bytes in " + str(p.quarantined) + "]" if p.repaired else ""
             print(f"{p.path}:{where} {p.kind}: {p.detail}{state}")
-        print(f"{report.files} files, {report.blocks} blocks, {report.bytes} bytes checked; "
-              f"{len(report.problems)} problems, {sum(p.repaired for p in report.problems)} repaired")
+        print(
+            f"{report.files} files, {report.blocks} blocks, {report.bytes} bytes checked; "
+            f"{len(report.problems)} problems, {sum(p.repaired for p in report.problems)} repaired"
+        )
     return report.exit_code
 
 
@@ -309,8 +311,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     else:
         for p in report.problems:
             print(f"{p['path']}: {p['error']} (authentic prefix in {p['partial']})")
-        print(f"exported {report.files} files ({report.bytes} bytes), {report.dirs} directories, "
-              f"{report.symlinks} symlinks to {args.dest}; {len(report.problems)} damaged")
+        print(
+            f"exported {report.files} files ({report.bytes} bytes), {report.dirs} directories, "
+            f"{report.symlinks} symlinks to {args.dest}; {len(report.problems)} damaged"
+        )
     return report.exit_code
 
 

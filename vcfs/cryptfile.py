@@ -274,8 +274,12 @@ class CryptFile:
     def _write_slot(self, seals: int) -> None:
         """Write the other header slot with a higher generation, then sync it."""
         new = KeySlot(
-            self._slot.generation + 1, self._slot.wrap_alg, self._slot.domain, self._slot.kek_version,
-            self._slot.wrapped, seals,
+            self._slot.generation + 1,
+            self._slot.wrap_alg,
+            self._slot.domain,
+            self._slot.kek_version,
+            self._slot.wrapped,
+            seals,
         ).sealed(self._pre, self._keys)
         index = 1 - self._slot_index
         pwrite_all(self.fd, new.encode(), slot_offset(index))

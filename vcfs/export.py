@@ -67,8 +67,7 @@ def _export_file(store: OfflineStore, src: Path, dest: Path, report: ExportRepor
         with open(tmp, "wb") as out:
             report.bytes += decrypt_to(store, src, out)
     except (IntegrityError, VcfsError) as exc:
-        report.problems.append({"path": str(src.relative_to(store.tree)), "error": exc.message,
-                                "partial": str(tmp)})
+        report.problems.append({"path": str(src.relative_to(store.tree)), "error": exc.message, "partial": str(tmp)})
         return
     os.replace(tmp, dest)
     report.files += 1
@@ -140,4 +139,3 @@ def decrypt_file(store: OfflineStore, backing_file: Path, out_path: str) -> int:
         raise
     os.replace(tmp, out)
     return size
-

@@ -11,12 +11,14 @@ that another open is just handing out.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import logging
 import os
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -148,40 +150,68 @@ class VcfsOperations(pyfuse3.Operations):
         return self._oserror(lambda: self._attrs(self._stat_inode(inode), inode))
 
     async def setattr(
-        self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
-        fh: int | None, ctx: pyfuse3.RequestContext,
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
-        if fields.update_size:
-            await self._truncate(inode, attr.st_size)
+        async with self._held(inode, open_file=bool(fields.update_size)) as cf:
+            if fields.update_size:
+                assert cf is not None
+                await self._run(cf.truncate, attr.st_size, label=cf.label)
+            if cf is not None and (fields.update_atime or fields.update_mtime):
+                # Seal what the kernel wrote back before this request now, or sealing it at close
+                # would bump the backing mtime past the one being set (cp -p, tar, rsync).
+                await self._run(cf.flush, label=cf.label)
 
-        def apply() -> None:
-            path = self.inodes.path(inode)
-            if fields.update_mode:
-                os.chmod(path, stat.S_IMODE(attr.st_mode))
-            if fields.update_uid or fields.update_gid:
-                uid = attr.st_uid if fields.update_uid else -1
-                gid = attr.st_gid if fields.update_gid else -1
-                os.lchown(path, uid, gid)
-            if fields.update_atime or fields.update_mtime:
-                st = os.lstat(path)
-                atime = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
-                mtime = attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns
-                os.utime(path, ns=(atime, mtime), follow_symlinks=False)
+            def apply() -> None:
+                try:
+                    target: bytes | int = self.inodes.path(inode)
+                except FileNotFoundError:
+                    if cf is None:
+                        raise
+                    target = cf.fd  # unlinked but still open: an fd takes no follow_symlinks
+                follow = isinstance(target, int)
+                if fields.update_mode:
+                    os.chmod(target, stat.S_IMODE(attr.st_mode))
+                if fields.update_uid or fields.update_gid:
+                    uid = attr.st_uid if fields.update_uid else -1
+                    gid = attr.st_gid if fields.update_gid else -1
+                    os.chown(target, uid, gid, follow_symlinks=follow)
+                if fields.update_atime or fields.update_mtime:
+                    st = os.stat(target, follow_symlinks=follow)
+                    atime = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
+                    mtime = attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns
+                    os.utime(target, ns=(atime, mtime), follow_symlinks=follow)
 
-        if any((fields.update_mode, fields.update_uid, fields.update_gid, fields.update_atime, fields.update_mtime)):
-            await self._run(apply, label="setattr")
-        return self._oserror(lambda: self._attrs(self._stat_inode(inode), inode))
+            if any(
+                (fields.update_mode, fields.update_uid, fields.update_gid, fields.update_atime, fields.update_mtime)
+            ):
+                await self._run(apply, label="setattr")
+            return self._oserror(lambda: self._attrs(self._stat_inode(inode), inode))
 
-    async def _truncate(self, inode: int, size: int) -> None:
-        opened = self._files.get(inode)
-        if opened is not None:
-            await self._run(opened.cf.truncate, size, label="truncate")
-            return
-        cf = await self._open_cryptfile(inode)
+    @asynccontextmanager
+    async def _held(self, inode: int, open_file: bool) -> AsyncIterator[CryptFile | None]:
+        """The inode's CryptFile, held like an open handle holds it (None if not open and not asked to open).
+
+        Truncating by path must not open a second CryptFile next to one a concurrent open(2)
+        creates (two engines writing one backing file destroy it), nor use one that a concurrent
+        release is closing: so it is registered in ``_files`` for the duration.
+        """
+        async with self._open_lock:
+            opened = self._files.get(inode)
+            if opened is None and open_file:
+                opened = self._files[inode] = _Open(await self._open_cryptfile(inode), 0)
+            if opened is not None:
+                opened.refs += 1
         try:
-            await self._run(cf.truncate, size, label="truncate")
+            yield opened.cf if opened is not None else None
         finally:
-            await self._run(cf.close, label="truncate")
+            if opened is not None:
+                async with self._open_lock:
+                    await self._unref(inode, opened)
 
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         return self._oserror(lambda: os.readlink(self.inodes.path(inode)))
@@ -194,7 +224,7 @@ class VcfsOperations(pyfuse3.Operations):
         out.f_namemax = sv.f_namemax
         return out
 
-    def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for inode, count in inode_list:
             self.inodes.forget(inode, count)
 
@@ -235,7 +265,9 @@ class VcfsOperations(pyfuse3.Operations):
 
         await self._run(sync, label="fsyncdir")
 
-    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         def make() -> pyfuse3.EntryAttributes:
             path = self.inodes.child_path(parent_inode, name)
             os.mkdir(path, stat.S_IMODE(mode))
@@ -286,8 +318,13 @@ class VcfsOperations(pyfuse3.Operations):
         return await self._run(make, label="link")
 
     async def rename(
-        self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
-        flags: int, ctx: pyfuse3.RequestContext,
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
     ) -> None:
         def move() -> None:
             old = self.inodes.child_path(parent_inode_old, name_old)
@@ -332,8 +369,9 @@ class VcfsOperations(pyfuse3.Operations):
         path = self._oserror(lambda: self.inodes.path(inode))
         fd = self._oserror(lambda: open_backing(path))
         try:
-            return await self._run(open_cryptfile, fd, os.fsdecode(path), self.provider.unwrap, label=os.fsdecode(path),
-                                   hsm=True)
+            return await self._run(
+                open_cryptfile, fd, os.fsdecode(path), self.provider.unwrap, label=os.fsdecode(path), hsm=True
+            )
         except BaseException:
             os.close(fd)
             raise
@@ -358,9 +396,17 @@ class VcfsOperations(pyfuse3.Operations):
                 stamp = self._cache_stamp(inode)
                 keep = stamp is not None and self._keep_cache.get(inode) == stamp
                 cf = await self._open_cryptfile(inode)
+                if flags & os.O_TRUNC:  # libfuse asks for atomic O_TRUNC: the open truncates
+                    try:
+                        await self._run(cf.truncate, 0, label=cf.label)
+                    except BaseException:
+                        await self._run(cf.close, label=cf.label)
+                        raise
                 self._files[inode] = _Open(cf, 1)
             else:
                 keep = True  # the open CryptFile is the only writer: kernel pages are current
+                if flags & os.O_TRUNC:
+                    await self._run(opened.cf.truncate, 0, label=opened.cf.label)
                 opened.refs += 1
             return pyfuse3.FileInfo(fh=self._new_handle(inode), keep_cache=keep)
 
@@ -379,10 +425,8 @@ class VcfsOperations(pyfuse3.Operations):
             cf = await self._run(create_cryptfile, fd, os.fsdecode(path), wrap, label=os.fsdecode(path), hsm=True)
         except BaseException:
             os.close(fd)
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(path)
-            except OSError:
-                pass
             raise
         async with self._open_lock:
             attr = self._entry(parent_inode, name)
@@ -419,23 +463,27 @@ class VcfsOperations(pyfuse3.Operations):
             inode = self._handles.pop(fh, None)
             if inode is None:
                 return
-            opened = self._files[inode]
-            opened.refs -= 1
-            if opened.refs > 0:
-                return
-            del self._files[inode]
-            try:
-                await self._run(opened.cf.close, label=opened.cf.label)
-            finally:
-                stamp = self._cache_stamp(inode)
-                if stamp is not None:
-                    self._keep_cache[inode] = stamp
+            await self._unref(inode, self._files[inode])
+
+    async def _unref(self, inode: int, opened: _Open) -> None:
+        """Drop one reference (caller holds ``_open_lock``); the last one closes the file."""
+        opened.refs -= 1
+        if opened.refs > 0:
+            return
+        del self._files[inode]
+        try:
+            await self._run(opened.cf.close, label=opened.cf.label)
+        finally:
+            stamp = self._cache_stamp(inode)
+            if stamp is not None:
+                self._keep_cache[inode] = stamp
 
     async def close_all(self) -> None:
         """Flush and close every open file (unmount or shutdown)."""
         async with self._open_lock:
             for inode, opened in list(self._files.items()):
                 try:
+                    await self._run(opened.cf.fsync, True, label=opened.cf.label)
                     await self._run(opened.cf.close, label=opened.cf.label)
                 except pyfuse3.FUSEError as exc:
                     log.error("could not flush %s at shutdown: %s", opened.cf.label, os.strerror(exc.errno))

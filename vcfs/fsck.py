@@ -122,9 +122,7 @@ def _check_file(store: OfflineStore, path: Path, rel: str, repair: bool, report:
         cf.close()
 
 
-def fsck(
-    store: OfflineStore, repair: bool, progress: Callable[[int, int], None] | None = None
-) -> FsckReport:
+def fsck(store: OfflineStore, repair: bool, progress: Callable[[int, int], None] | None = None) -> FsckReport:
     lock_fd = lock_store(store.backing) if repair else None  # repair only on an unmounted store
     try:
         entries = [(p, st) for p, st in walk(store.tree) if stat.S_ISREG(st.st_mode)]

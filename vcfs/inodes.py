@@ -8,6 +8,7 @@ rebuilt on demand by walking up to the root. Hard links give an inode several li
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass, field
 
@@ -42,7 +43,7 @@ class InodeTable:
         while inode != ROOT:
             entry = self._entries.get(inode)
             if entry is None or not entry.links:
-                raise FileNotFoundError(f"inode {inode} has no path")
+                raise FileNotFoundError(errno.ENOENT, f"inode {inode} has no path")
             inode, name = min(entry.links)
             parts.append(name)
             seen += 1

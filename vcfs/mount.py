@@ -109,11 +109,15 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
 
 
 async def _main(ops: VcfsOperations, mountpoint: str) -> None:
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_on_signals, mountpoint)
-        await pyfuse3.main()
-        nursery.cancel_scope.cancel()
-    await ops.close_all()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_on_signals, mountpoint)
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
+    finally:
+        # Also after an error in the FUSE loop: whatever is still open gets sealed and synced.
+        with trio.CancelScope(shield=True):
+            await ops.close_all()
 
 
 async def _on_signals(mountpoint: str) -> None:
