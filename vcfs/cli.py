@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from vcfs import __version__
+from vcfs import __version__, keyops
 from vcfs.config import StoreConfig, save_config
 from vcfs.errors import MountError, UsageError, VcfsError
 from vcfs.export import decrypt_file, export
@@ -119,6 +119,48 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("backing_file", type=Path, metavar="BACKINGFILE")
     p.add_argument("out", metavar="OUT")
+    _key_options(p)
+
+    keys = sub.add_parser(
+        "keys",
+        help="KEK lifecycle: list, rotate, rewrap, retire, destroy",
+        description="Manage the store's key-encryption keys. Safe while the store is mounted.",
+    )
+    ksub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    p = ksub.add_parser("list", help="domains, KEK versions, state, age and files per version")
+    p.add_argument("backing", type=Path, metavar="BACKING")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p = ksub.add_parser("rotate", help="create a new KEK version and make it current (new files use it at once)")
+    p.add_argument("backing", type=Path, metavar="BACKING")
+    p.add_argument("domain", metavar="DOMAIN")
+    _key_options(p)
+    p = ksub.add_parser(
+        "rewrap",
+        help="rewrap every header under the current KEK (no data is rewritten)",
+        description="Rewrap every file header of DOMAIN (default: the default domain) under its "
+        "current KEK; data blocks are not touched. Resumable: files open in a mount are skipped "
+        "(exit 1) and a later run finishes them.",
+    )
+    p.add_argument("backing", type=Path, metavar="BACKING")
+    p.add_argument("domain", nargs="?", metavar="DOMAIN")
+    p.add_argument("--from", dest="from_version", type=int, metavar="VERSION", help="only files under VERSION")
+    p.add_argument("--json", action="store_true", help="print a machine-readable summary")
+    _key_options(p)
+    p = ksub.add_parser("retire", help="make a KEK version decrypt-only (an archive)")
+    p.add_argument("backing", type=Path, metavar="BACKING")
+    p.add_argument("domain", metavar="DOMAIN")
+    p.add_argument("version", type=int, metavar="VERSION")
+    p = ksub.add_parser(
+        "destroy",
+        help="delete a KEK version from the HSM: crypto-shred what it wraps",
+        description="Destroy KEK VERSION in the HSM. Files (and every backup copy of them) still "
+        "wrapped under it become permanently unreadable; refused while any file uses it, unless "
+        "--force.",
+    )
+    p.add_argument("backing", type=Path, metavar="BACKING")
+    p.add_argument("domain", metavar="DOMAIN")
+    p.add_argument("version", type=int, metavar="VERSION")
+    p.add_argument("--force", action="store_true", help="destroy even though files still use it")
     _key_options(p)
     return parser
 
@@ -330,7 +372,52 @@ def cmd_decrypt(args: argparse.Namespace) -> int:
     return 0
 
 
+def _opts(args: argparse.Namespace) -> HostKeyOptions:
+    return HostKeyOptions(args.pkcs11_module, args.pin_file)
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    backing = args.backing.resolve()
+    action = args.keys_command
+    if action == "list":
+        rows = keyops.list_keys(backing)
+        if args.json:
+            print(json.dumps(rows, indent=2))
+            return 0
+        print(f"{'DOMAIN':<12} {'VERSION':>7}  {'STATE':<10} {'CURRENT':<7} {'AGE(d)':>6} {'FILES':>7}")
+        for r in rows:
+            age = "" if r["age_days"] is None else r["age_days"]
+            cur = "yes" if r["current"] else ""
+            print(f"{r['domain']:<12} {r['version']:>7}  {r['state']:<10} {cur:<7} {age:>6} {r['files']:>7}")
+        return 0
+    if action == "rotate":
+        version = keyops.rotate(backing, args.domain, _opts(args))
+        print(f"KEK {args.domain}/v{version} is now current; new files use it.")
+        print(f"rewrap existing files with: vcfs keys rewrap {args.backing} {args.domain}")
+        return 0
+    if action == "rewrap":
+        report = keyops.rewrap(backing, args.domain, args.from_version, _opts(args), _progress("rewrap"))
+        if args.json:
+            print(json.dumps(report.to_json(), indent=2))
+        else:
+            for f in report.failed:
+                print(f"{f['path']}: {f['error']}")
+            print(
+                f"{report.rewrapped} rewrapped, {report.already} already current, {len(report.busy)} busy "
+                f"(open in a mount; run again later), {len(report.failed)} failed"
+            )
+        return report.exit_code
+    if action == "retire":
+        keyops.retire(backing, args.domain, args.version)
+        print(f"KEK {args.domain}/v{args.version} retired: it still decrypts, it wraps nothing new")
+        return 0
+    shredded = keyops.destroy(backing, args.domain, args.version, args.force, _opts(args))
+    print(f"KEK {args.domain}/v{args.version} destroyed; {shredded} files wrapped under it are now unreadable")
+    return 0
+
+
 COMMANDS = {
+    "keys": cmd_keys,
     "init": cmd_init,
     "mount": cmd_mount,
     "umount": cmd_umount,

@@ -12,12 +12,14 @@ import os
 import re
 import tomllib
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 
 from vcfs.errors import ConfigError, UsageError
+from vcfs.keys.base import KEK_STATES
 from vcfs.keys.uri import Pkcs11Uri, parse_pkcs11_uri
 
 CONFIG_NAME = "vcfs.conf"
@@ -33,6 +35,9 @@ class KekEntry:
     mechanism: int
     check_wrapped: bytes = b""  # a probe key wrapped under this KEK (see aead.kek_check_value)
     check_value: bytes = b""
+    state: str = "active"  # active | retired (unwrap only) | destroyed (crypto-shredded)
+    created: str = ""  # RFC 3339 UTC
+    changed: str = ""  # when the state last changed
 
 
 @dataclass(slots=True)
@@ -71,6 +76,9 @@ class StoreConfig:
                                 "mechanism": k.mechanism,
                                 "check_wrapped": k.check_wrapped.hex(),
                                 "check_value": k.check_value.hex(),
+                                "state": k.state,
+                                "created": k.created,
+                                "changed": k.changed,
                             }
                             for k in d.keks
                         ],
@@ -149,6 +157,9 @@ def load_config(backing: Path) -> StoreConfig:
                 raise ConfigError(f"store config: {where}kek.uri: {exc.message}") from None
             except (ValueError, TypeError):
                 raise ConfigError(f"store config: {where}kek check values must be hex strings") from None
+            state = k.get("state", "active")
+            if state not in KEK_STATES:
+                raise ConfigError(f"store config: {where}kek.state must be one of {', '.join(KEK_STATES)}")
             entries.append(
                 KekEntry(
                     _want(k, "version", int, where + "kek."),
@@ -156,6 +167,9 @@ def load_config(backing: Path) -> StoreConfig:
                     _want(k, "mechanism", int, where + "kek."),
                     check_wrapped,
                     check_value,
+                    state,
+                    str(k.get("created", "")),
+                    str(k.get("changed", "")),
                 )
             )
         cfg_domain = DomainConfig(
@@ -172,3 +186,7 @@ def load_config(backing: Path) -> StoreConfig:
     if default not in domains:
         raise ConfigError(f"store config: default domain {default!r} is not defined")
     return StoreConfig(_want(raw, "store_id", str, ""), domains, default, dict(features), fmt)
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -19,6 +19,7 @@ repairs. The header is touched only to reserve seal counts (two alternating slot
 
 from __future__ import annotations
 
+import fcntl
 import os
 import threading
 from collections.abc import Callable
@@ -384,13 +385,12 @@ def _opens_as(cf: CryptFile, block_no: int, final: bool, sealed: bytes | memoryv
         return False
 
 
-def open_cryptfile(fd: int, label: str, unwrap: Unwrap, allow_damaged: bool = False) -> CryptFile:
-    """Authenticate the header of an existing backing file and return its engine.
+def _unlock(header: Header, label: str, unwrap: Unwrap) -> tuple[int, KeySlot, bytes, FileKeys]:
+    """The newest slot that unwraps and authenticates: (index, slot, DEK, derived keys).
 
-    Tries the newest slot first and falls back to the other (a crash during a slot update
-    leaves the older one intact). Raises the first slot's error if none works.
+    Falls back to the other slot (a crash during a slot update leaves the older one intact);
+    raises the first slot's error if none works.
     """
-    header = parse_header(pread_exact(fd, HEADER_LEN, 0))
     errors: list[Exception] = []
     for index, slot in header.candidates():
         try:
@@ -402,11 +402,45 @@ def open_cryptfile(fd: int, label: str, unwrap: Unwrap, allow_damaged: bool = Fa
         except (HeaderAuthError, KeyProviderError) as exc:
             errors.append(exc)
             continue
-        cf = CryptFile(fd, header, index, keys, label)
-        if cf.disk_blocks == 0 and not allow_damaged:
-            raise TruncatedError(f"{label}: no complete block after the header", hint="run vcfs fsck")
-        return cf
+        return index, slot, dek, keys
     raise errors[0] if errors else HeaderAuthError(f"{label}: no usable key slot")
+
+
+def open_cryptfile(fd: int, label: str, unwrap: Unwrap, allow_damaged: bool = False) -> CryptFile:
+    """Authenticate the header of an existing backing file and return its engine.
+
+    Takes a shared flock on the backing file for as long as it is open, so a concurrent
+    ``vcfs keys rewrap`` leaves it alone (it needs the exclusive lock).
+    """
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    header = parse_header(pread_exact(fd, HEADER_LEN, 0))
+    index, _slot, _dek, keys = _unlock(header, label, unwrap)
+    cf = CryptFile(fd, header, index, keys, label)
+    if cf.disk_blocks == 0 and not allow_damaged:
+        raise TruncatedError(f"{label}: no complete block after the header", hint="run vcfs fsck")
+    return cf
+
+
+def rewrap_header(fd: int, label: str, unwrap: Unwrap, target: KeyRef, wrap: Callable[[bytes], Wrapped]) -> KeyRef:
+    """Wrap the file's DEK under ``target`` into the inactive slot; returns the KEK it was under.
+
+    Header only: no block is read or written. The new slot (generation + 1) is written in
+    place and synced; until then the old slot stays valid, so a crash at any point leaves
+    the file readable. Needs the exclusive flock (BlockingIOError if the file is open).
+    """
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    header = parse_header(pread_exact(fd, HEADER_LEN, 0))
+    index, slot, dek, keys = _unlock(header, label, unwrap)
+    old = KeyRef(slot.domain, slot.kek_version)
+    if old == target:
+        return old
+    wrapped = wrap(dek)
+    new = KeySlot(
+        slot.generation + 1, wrapped.wrap_alg, wrapped.ref.domain, wrapped.ref.version, wrapped.blob, slot.seals
+    ).sealed(header.preamble, keys)
+    pwrite_all(fd, new.encode(), slot_offset(1 - index))
+    os.fdatasync(fd)
+    return old
 
 
 def create_cryptfile(fd: int, label: str, wrap: Callable[[bytes], Wrapped]) -> CryptFile:
@@ -417,6 +451,7 @@ def create_cryptfile(fd: int, label: str, wrap: Callable[[bytes], Wrapped]) -> C
     wrapped = wrap(dek)
     slot = KeySlot(1, wrapped.wrap_alg, wrapped.ref.domain, wrapped.ref.version, wrapped.blob, SEAL_RESERVE_STEP)
     header = new_header(file_id, keys, slot)
+    fcntl.flock(fd, fcntl.LOCK_SH)
     empty = seal_block(keys, header.preamble.bound, 0, True, b"")
     pwrite_all(fd, header.encode() + empty, 0)
     cf = CryptFile(fd, header, 0, keys, label)

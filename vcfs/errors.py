@@ -43,6 +43,12 @@ class KeyProviderError(VcfsError):
     errno = errno.EACCES
 
 
+class KeyDestroyedError(KeyProviderError):
+    """The KEK a file is wrapped under was destroyed on purpose: the file is crypto-shredded."""
+
+    errno = errno.EKEYREVOKED  # "Key has been revoked": what cat or ffmpeg then print
+
+
 class MountError(VcfsError):
     """Mounting or unmounting failed (exit 5)."""
 

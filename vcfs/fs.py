@@ -55,11 +55,14 @@ def _renameat2(old: bytes, new: bytes, flags: int) -> None:
 class VcfsOperations(pyfuse3.Operations):
     enable_writeback_cache = True
 
-    def __init__(self, tree: bytes, provider: KeyProvider, domain: str) -> None:
+    def __init__(
+        self, tree: bytes, provider: KeyProvider, domain: str, refresh_keys: Callable[[], None] | None = None
+    ) -> None:
         super().__init__()
         self.inodes = InodeTable(tree)
         self.provider = provider
         self.domain = domain
+        self._refresh_keys = refresh_keys  # picks up a rotated KEK before a new file is wrapped
         self._files: dict[int, _Open] = {}
         self._handles: dict[int, int] = {}  # fh -> inode
         self._next_fh = 1
@@ -417,6 +420,8 @@ class VcfsOperations(pyfuse3.Operations):
         fd = self._oserror(lambda: os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, stat.S_IMODE(mode)))
         try:
             self._own(path, ctx)
+            if self._refresh_keys is not None:
+                await self._run(self._refresh_keys, label="key refresh", hsm=True)
             current = self.provider.current(self.domain)
 
             def wrap(dek: bytes) -> Any:

@@ -16,10 +16,11 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from vcfs.config import load_config
+from vcfs.config import config_path, load_config
 from vcfs.errors import MountError, VcfsError
 from vcfs.fs import VcfsOperations
-from vcfs.keys.setup import HostKeyOptions, open_provider
+from vcfs.keys.pkcs11 import Pkcs11Provider
+from vcfs.keys.setup import HostKeyOptions, open_provider, refresh_provider
 from vcfs.store import lock_store
 from vcfs.storelayout import tree_path
 
@@ -55,6 +56,28 @@ def check_mountpoint(mountpoint: Path) -> None:
         raise MountError(f"{mountpoint} is already a mount point", hint=f"vcfs umount {mountpoint}")
 
 
+class ConfigWatcher:
+    """Re-reads the store config when it changed (rotate, retire, destroy) and updates the keys.
+
+    Called in the HSM worker before each new file is wrapped: one stat() when nothing changed.
+    """
+
+    def __init__(self, backing: Path, provider: Pkcs11Provider) -> None:
+        self._path = config_path(backing)
+        self._backing = backing
+        self._provider = provider
+        self._stamp = self._path.stat().st_mtime_ns
+
+    def __call__(self) -> None:
+        stamp = self._path.stat().st_mtime_ns
+        if stamp == self._stamp:
+            return
+        cfg = load_config(self._backing)
+        refresh_provider(self._provider, cfg)
+        self._stamp = stamp
+        log.info("store config changed: new files use KEK %s", self._provider.current(cfg.default_domain))
+
+
 def _report(ready_fd: int | None, text: str) -> None:
     if ready_fd is None:
         return
@@ -74,7 +97,9 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
         provider = open_provider(cfg, opts.keys)
         provider.self_test(cfg.default_domain)
         lock_store(opts.backing)  # only now: a refused mount leaves the store untouched
-        ops = VcfsOperations(os.fsencode(tree_path(opts.backing)), provider, cfg.default_domain)
+        ops = VcfsOperations(
+            os.fsencode(tree_path(opts.backing)), provider, cfg.default_domain, ConfigWatcher(opts.backing, provider)
+        )
         options = set(pyfuse3.default_options)
         options |= {f"fsname={opts.backing}", "subtype=vcfs"}
         allow_other = os.geteuid() == 0 if opts.allow_other is None else opts.allow_other

@@ -11,6 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+# Lifecycle of a KEK version: active (wraps and unwraps), retired (unwraps only, an archive),
+# destroyed (deleted from the HSM: whatever is still wrapped under it is crypto-shredded).
+STATE_ACTIVE, STATE_RETIRED, STATE_DESTROYED = "active", "retired", "destroyed"
+KEK_STATES = (STATE_ACTIVE, STATE_RETIRED, STATE_DESTROYED)
+
 
 @dataclass(frozen=True, slots=True)
 class KeyRef:

@@ -24,8 +24,8 @@ import pkcs11.exceptions as p11e
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
 from vcfs.core.header import WRAP_PKCS11_AES_KWP
-from vcfs.errors import HeaderAuthError, KeyProviderError
-from vcfs.keys.base import KeyRef, Wrapped
+from vcfs.errors import HeaderAuthError, KeyDestroyedError, KeyProviderError
+from vcfs.keys.base import STATE_ACTIVE, STATE_DESTROYED, KeyRef, Wrapped
 from vcfs.keys.uri import Pkcs11Uri
 
 _LOCK = threading.RLock()
@@ -56,6 +56,7 @@ class KekSpec:
     ref: KeyRef
     uri: Pkcs11Uri
     mechanism: int = DEFAULT_WRAP_MECHANISM
+    state: str = STATE_ACTIVE
 
 
 def _locked(fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
@@ -148,23 +149,44 @@ class Pkcs11Provider:
         self, module_path: str, pin_for_token: Callable[[str], str], keks: Iterable[KekSpec], current: dict[str, int]
     ) -> None:
         self._module_path = module_path
+        self._pin_for_token = pin_for_token  # reads the PIN source when a token is first needed
         self._sessions: dict[str, Any] = {}
         self._keks: dict[KeyRef, tuple[Any, KekSpec]] = {}
-        self._current = dict(current)
+        self._current: dict[str, int] = {}
+        self.sync(keks, current)
+
+    def session_for(self, token: str) -> Any:
+        """The logged-in session of ``token`` (for key management: generate, destroy)."""
+        return self._session(token)
+
+    def _session(self, token: str) -> Any:
+        if token not in self._sessions:
+            self._sessions[token] = open_session(self._module_path, token, self._pin_for_token(token))
+        return self._sessions[token]
+
+    def sync(self, keks: Iterable[KekSpec], current: dict[str, int]) -> list[KeyRef]:
+        """Take in the store's KEK list (after a rotate, retire or destroy); returns KEKs newly found.
+
+        A missing KEK is an error only if it is a domain's current one: older versions matter
+        only to the files still wrapped under them.
+        """
+        found = []
         for spec in keks:
-            token = spec.uri.token or ""
-            if token not in self._sessions:
-                self._sessions[token] = open_session(module_path, token, pin_for_token(token))
-            self._keks[spec.ref] = (None, spec)
-        for ref, (_, spec) in list(self._keks.items()):
-            try:
-                key = find_kek(self._sessions[spec.uri.token or ""], spec.uri)
-            except KeyProviderError:
-                if self._current.get(ref.domain) == ref.version:
-                    raise
-                continue  # an old version missing from the token only matters for files using it
-            check_kek_attributes(key, str(ref))
-            self._keks[ref] = (key, spec)
+            key = self._keks.get(spec.ref, (None, spec))[0]
+            if spec.state == STATE_DESTROYED:
+                key = None
+            elif key is None:
+                try:
+                    key = find_kek(self._session(spec.uri.token or ""), spec.uri)
+                except KeyProviderError:
+                    if current.get(spec.ref.domain) == spec.ref.version:
+                        raise
+                else:
+                    check_kek_attributes(key, str(spec.ref))
+                    found.append(spec.ref)
+            self._keks[spec.ref] = (key, spec)
+        self._current = dict(current)
+        return found
 
     def current(self, domain: str) -> KeyRef:
         if domain not in self._current:
@@ -176,6 +198,11 @@ class Pkcs11Provider:
 
     def _kek(self, ref: KeyRef) -> tuple[Any, KekSpec]:
         key, spec = self._keks.get(ref, (None, None))
+        if spec is not None and spec.state == STATE_DESTROYED:
+            raise KeyDestroyedError(
+                f"KEK {ref} was destroyed (crypto-shredded): data wrapped under it cannot be decrypted",
+                hint="this is permanent; restore from a plaintext export made before the destroy, if any",
+            )
         if key is None or spec is None:
             raise KeyProviderError(
                 f"KEK {ref} is not available in the HSM",
@@ -185,6 +212,8 @@ class Pkcs11Provider:
 
     def wrap(self, ref: KeyRef, dek: bytes) -> Wrapped:
         kek, spec = self._kek(ref)
+        if spec.state != STATE_ACTIVE:
+            raise KeyProviderError(f"KEK {ref} is {spec.state}: it only unwraps, it wraps no new keys")
         session = self._sessions[spec.uri.token or ""]
         with _LOCK:
             obj = session.create_object(
@@ -248,3 +277,16 @@ class Pkcs11Provider:
                 with contextlib.suppress(p11e.PKCS11Error):
                     session.close()
             self._sessions.clear()
+
+
+def destroy_kek(session: Any, uri: Pkcs11Uri) -> bool:
+    """Delete a KEK object from its token (crypto-shred). False if it was already gone."""
+    try:
+        key = find_kek(session, uri)
+    except KeyProviderError:
+        return False
+    try:
+        _locked(key.destroy)
+    except p11e.PKCS11Error as exc:
+        raise KeyProviderError(f"the token refused to destroy KEK {uri}: {type(exc).__name__}") from None
+    return True

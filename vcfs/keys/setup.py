@@ -61,19 +61,36 @@ def open_provider(cfg: StoreConfig, opts: HostKeyOptions) -> Pkcs11Provider:
                 hint="set VCFS_HOME to the directory used at 'vcfs init', or restore its token",
             )
         embedded.activate(home)
-    specs = [KekSpec(KeyRef(domain.name, k.version), k.uri, k.mechanism) for k in domain.keks]
     provider = Pkcs11Provider(
-        _module_for(domain, opts), _pin_lookup(domain, opts), specs, {domain.name: domain.current}
+        _module_for(domain, opts), _pin_lookup(domain, opts), _specs(domain), {domain.name: domain.current}
     )
     try:
-        for k in domain.keks:
-            ref = KeyRef(domain.name, k.version)
-            if k.check_wrapped and provider.available(ref):
-                _verify_check(provider, ref, k)
+        _verify_checks(provider, domain, _loaded(provider, domain))
     except BaseException:
         provider.close()
         raise
     return provider
+
+
+def _specs(domain: DomainConfig) -> list[KekSpec]:
+    return [KekSpec(KeyRef(domain.name, k.version), k.uri, k.mechanism, k.state) for k in domain.keks]
+
+
+def _loaded(provider: Pkcs11Provider, domain: DomainConfig) -> list[KeyRef]:
+    return [KeyRef(domain.name, k.version) for k in domain.keks if provider.available(KeyRef(domain.name, k.version))]
+
+
+def _verify_checks(provider: Pkcs11Provider, domain: DomainConfig, refs: list[KeyRef]) -> None:
+    for k in domain.keks:
+        ref = KeyRef(domain.name, k.version)
+        if ref in refs and k.check_wrapped:
+            _verify_check(provider, ref, k)
+
+
+def refresh_provider(provider: Pkcs11Provider, cfg: StoreConfig) -> None:
+    """Bring a running provider up to date with an edited config (rotate/retire/destroy)."""
+    domain = cfg.domains[cfg.default_domain]
+    _verify_checks(provider, domain, provider.sync(_specs(domain), {domain.name: domain.current}))
 
 
 def _verify_check(provider: Pkcs11Provider, ref: KeyRef, entry: KekEntry) -> None:
@@ -89,7 +106,7 @@ def _verify_check(provider: Pkcs11Provider, ref: KeyRef, entry: KekEntry) -> Non
         raise wrong
 
 
-def _check_values(provider: Pkcs11Provider, ref: KeyRef) -> tuple[bytes, bytes]:
+def check_values(provider: Pkcs11Provider, ref: KeyRef) -> tuple[bytes, bytes]:
     probe = new_dek()
     return provider.wrap(ref, probe).blob, kek_check_value(probe)
 
@@ -123,7 +140,7 @@ def init_domain(store_id: str, kek_uri: str | None, opts: HostKeyOptions, name: 
     dom = DomainConfig(name, module, embedded_token, 1, [KekEntry(1, uri, DEFAULT_WRAP_MECHANISM)])
     provider = open_provider(StoreConfig("", {name: dom}, name), opts)
     try:
-        wrapped, value = _check_values(provider, KeyRef(name, 1))
+        wrapped, value = check_values(provider, KeyRef(name, 1))
     finally:
         provider.close()
     dom.keks[0] = KekEntry(1, uri, DEFAULT_WRAP_MECHANISM, wrapped, value)
