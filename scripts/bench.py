@@ -1,0 +1,358 @@
+"""Side-by-side benchmark of vcfs: see scripts/bench --help and docs/PERFORMANCE.md.
+
+Runs the same workloads, interleaved and repeated, on a plain directory, vcfs, gocryptfs and
+a no-crypto pyfuse3 passthrough (the ceiling of a Python FUSE daemon), all on the same disk
+in one run, and reports medians, min-max and ratios. Speed is only ever compared within one
+run: this machine is shared and noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+MiB = 1 << 20
+
+
+def sh(*args: str, **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(args), check=True, capture_output=True, text=True, **kw)  # type: ignore[call-overload]
+
+
+def drop_caches() -> None:
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError:
+        print("bench: warning: cannot drop caches (not root?); 'cold' numbers are warm", file=sys.stderr)
+
+
+def wait_mounted(mnt: Path, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.ismount(mnt):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{mnt} did not mount")
+
+
+@dataclass
+class Target:
+    name: str
+    mnt: Path
+    pid: int | None = None  # daemon, for CPU and RSS
+    stop: Callable[[], object] = lambda: None
+
+    def cpu_seconds(self) -> float:
+        if self.pid is None:
+            return 0.0
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def peak_rss_mib(self) -> float | None:
+        if self.pid is None:
+            return None
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return None
+
+
+def pid_of(pattern: str) -> int | None:
+    res = subprocess.run(["pgrep", "-n", "-f", pattern], capture_output=True, text=True)
+    return int(res.stdout.split()[0]) if res.stdout.strip() else None
+
+
+def setup_targets(work: Path, names: list[str]) -> list[Target]:
+    targets = []
+    if "plain" in names:
+        (work / "plain").mkdir()
+        targets.append(Target("plain", work / "plain"))
+    if "vcfs" in names:
+        env = {**os.environ, "VCFS_HOME": str(work / "vcfs-home")}
+        mnt = work / "vcfs-mnt"
+        mnt.mkdir()
+        sh(PY, "-m", "vcfs", "init", str(work / "vcfs-store"), env=env)
+        sh(PY, "-m", "vcfs", "mount", str(work / "vcfs-store"), str(mnt), env=env)
+        targets.append(Target("vcfs", mnt, pid_of(f"vcfs mount -f .*{mnt}"),
+                              lambda mnt=mnt, env=env: sh(PY, "-m", "vcfs", "umount", str(mnt), env=env)))
+    if "gocryptfs" in names and shutil.which("gocryptfs"):
+        cipher, mnt = work / "gc-cipher", work / "gc-mnt"
+        cipher.mkdir()
+        mnt.mkdir()
+        sh("gocryptfs", "-init", "-q", "-extpass", "echo benchpass", str(cipher))
+        sh("gocryptfs", "-q", "-extpass", "echo benchpass", "-allow_other", str(cipher), str(mnt))
+        wait_mounted(mnt)
+        targets.append(Target("gocryptfs", mnt, pid_of(f"gocryptfs.*{mnt}"),
+                              lambda mnt=mnt: sh("fusermount3", "-u", str(mnt))))
+    elif "gocryptfs" in names:
+        print("bench: gocryptfs not installed (apt-get install gocryptfs); skipping it", file=sys.stderr)
+    if "passthrough" in names:
+        src, mnt = work / "pt-src", work / "pt-mnt"
+        src.mkdir()
+        mnt.mkdir()
+        proc = subprocess.Popen([PY, str(ROOT / "scripts" / "bench_passthrough.py"), str(src), str(mnt)])
+        wait_mounted(mnt)
+        targets.append(Target("passthrough", mnt, proc.pid,
+                              lambda mnt=mnt, proc=proc: (sh("fusermount3", "-u", str(mnt)), proc.wait())))
+    return targets
+
+
+# ---- workloads: each returns {metric: value}; "s" suffix = seconds (lower is better) ----------
+
+
+def w_seq_write(t: Target, size: int, bs: int) -> dict[str, float]:
+    path = t.mnt / f"seq-{bs}"
+    cpu0, t0 = t.cpu_seconds(), time.monotonic()
+    sh("dd", "if=/dev/zero", f"of={path}", f"bs={bs}", f"count={size // bs}", "conv=fsync")
+    wall = time.monotonic() - t0
+    return {"MiB/s": size / MiB / wall, "cpu_s_per_GiB": (t.cpu_seconds() - cpu0) / (size / 2**30)}
+
+
+def prepare(path: Path, cold: bool) -> None:
+    """Cold: nothing cached anywhere. Warm: the file was just read once through this mount
+    (other targets' runs in between drop caches, so warmth is made here, not assumed)."""
+    if cold:
+        drop_caches()
+    else:
+        sh("dd", f"if={path}", "of=/dev/null", f"bs={MiB}")
+
+
+def w_seq_read(t: Target, size: int, cold: bool) -> dict[str, float]:
+    path = t.mnt / f"seq-{MiB}"
+    prepare(path, cold)
+    cpu0, t0 = t.cpu_seconds(), time.monotonic()
+    sh("dd", f"if={path}", "of=/dev/null", f"bs={MiB}")
+    wall = time.monotonic() - t0
+    return {"MiB/s": size / MiB / wall, "cpu_s_per_GiB": (t.cpu_seconds() - cpu0) / (size / 2**30)}
+
+
+def w_rand_read(t: Target, size: int, cold: bool, count: int = 2000) -> dict[str, float]:
+    path = t.mnt / f"seq-{MiB}"
+    prepare(path, cold)
+    rng = random.Random(7)
+    offsets = [rng.randrange(0, size // 4096) * 4096 for _ in range(count)]
+    fd = os.open(path, os.O_RDONLY)  # a fresh open: warm reads must survive it (keep_cache)
+    try:
+        t0 = time.monotonic()
+        for off in offsets:
+            os.pread(fd, 4096, off)
+        wall = time.monotonic() - t0
+    finally:
+        os.close(fd)
+    return {"IOPS": count / wall}
+
+
+def w_metadata(t: Target, n: int = 5000) -> dict[str, float]:
+    d = t.mnt / "meta"
+    d.mkdir()
+    t0 = time.monotonic()
+    for i in range(n):
+        (d / f"f{i}").write_bytes(b"x" * 100)
+    for i in range(n):
+        os.stat(d / f"f{i}")
+    for i in range(n):
+        os.unlink(d / f"f{i}")
+    wall = time.monotonic() - t0
+    d.rmdir()
+    return {"s": wall}
+
+
+def w_ffmpeg(t: Target) -> dict[str, float]:
+    out = t.mnt / "rec.mp4"
+    t0 = time.monotonic()
+    sh("ffmpeg", "-y", "-loglevel", "error", "-f", "lavfi", "-i", "testsrc=duration=20:size=1280x720:rate=25",
+       "-f", "lavfi", "-i", "sine=duration=20", "-c:v", "mpeg4", "-q:v", "3", "-c:a", "aac", "-fflags", "+bitexact",
+       "-movflags", "+faststart", str(out))
+    wall = time.monotonic() - t0
+    out.unlink()
+    return {"s": wall}
+
+
+def w_recorders(t: Target, n: int, seconds: float) -> dict[str, float]:
+    """n streams at 4 Mbit/s, 4-64 KiB pieces, fsync every second; latency of each write call."""
+    rate = 4_000_000 / 8
+    lat: list[float] = []
+    behind = [0]
+    lock = threading.Lock()
+
+    def stream(i: int) -> None:
+        rng = random.Random(i)
+        mine: list[float] = []
+        with open(t.mnt / f"stream-{i}", "wb", buffering=0) as f:
+            start = last_sync = time.monotonic()
+            written = 0
+            while (now := time.monotonic()) - start < seconds:
+                due = (now - start) * rate
+                if written >= due:
+                    time.sleep(min(0.05, (written - due) / rate))
+                    continue
+                piece = rng.randrange(4096, 65537)
+                t0 = time.monotonic()
+                f.write(b"\0" * piece)
+                mine.append(time.monotonic() - t0)
+                written += piece
+                if now - last_sync >= 1.0:
+                    os.fsync(f.fileno())
+                    last_sync = now
+        with lock:
+            lat.extend(mine)
+            if written < rate * seconds * 0.95:
+                behind[0] += 1
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(n)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    for i in range(n):
+        (t.mnt / f"stream-{i}").unlink()
+    lat.sort()
+    return {
+        "p50_ms": lat[len(lat) // 2] * 1000,
+        "p99_ms": lat[int(len(lat) * 0.99)] * 1000,
+        "max_ms": lat[-1] * 1000,
+        "streams_behind": behind[0],
+    }
+
+
+# ---- driver ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Results:
+    runs: dict[str, dict[str, dict[str, list[float]]]] = field(default_factory=dict)  # workload/target/metric
+
+    def add(self, workload: str, target: str, metrics: dict[str, float]) -> None:
+        slot = self.runs.setdefault(workload, {}).setdefault(target, {})
+        for k, v in metrics.items():
+            slot.setdefault(k, []).append(v)
+
+
+HIGHER_IS_BETTER = {"MiB/s", "IOPS"}
+
+
+def report(res: Results, extra: dict[str, object]) -> dict[str, object]:
+    out: dict[str, object] = {"workloads": {}, **extra}
+    lines = [f"{'workload':<26} {'metric':<14} {'target':<12} {'median':>10} {'min-max':>21}  ratios (vcfs vs)"]
+    for wl, by_target in res.runs.items():
+        table: dict[str, dict[str, dict[str, float]]] = {}
+        for tname, metrics in by_target.items():
+            for m, vals in metrics.items():
+                table.setdefault(m, {})[tname] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
+        out["workloads"][wl] = table  # type: ignore[index]
+        for m, per in table.items():
+            for tname, s in per.items():
+                ratio = ""
+                if tname == "vcfs":
+                    parts = []
+                    for base in ("plain", "gocryptfs", "passthrough"):
+                        if base in per and per[base]["median"] and s["median"]:
+                            r = s["median"] / per[base]["median"]
+                            if m not in HIGHER_IS_BETTER:
+                                r = 1 / r if r else float("inf")  # >1 always means vcfs is better
+                            parts.append(f"{base} {r:.2f}x")
+                    ratio = ", ".join(parts)
+                lines.append(f"{wl:<26} {m:<14} {tname:<12} {s['median']:>10.2f} "
+                             f"{s['min']:>10.2f}-{s['max']:<10.2f}  {ratio}")
+    print("\n".join(lines))
+    print("(ratios: >1 means vcfs is faster/better than that baseline, for every metric)")
+    return out
+
+
+def chart(data: dict[str, object], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("bench: matplotlib not installed; no chart (pip install matplotlib)", file=sys.stderr)
+        return
+    wls = data["workloads"]  # type: ignore[index]
+    rows = [(wl, m) for wl, t in wls.items() for m in t if m in HIGHER_IS_BETTER or m in ("s",)]  # type: ignore[union-attr]
+    fig, axes = plt.subplots(len(rows), 1, figsize=(8, 1.6 * len(rows) + 1))
+    for ax, (wl, m) in zip(axes if len(rows) > 1 else [axes], rows, strict=False):
+        per = wls[wl][m]  # type: ignore[index]
+        names = list(per)
+        ax.barh(names, [per[n]["median"] for n in names], xerr=[[per[n]["median"] - per[n]["min"] for n in names],
+                                                               [per[n]["max"] - per[n]["median"] for n in names]])
+        ax.set_title(f"{wl} ({m})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    print(f"chart: {path}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(prog="scripts/bench", description=__doc__)
+    ap.add_argument("--size", default="1024", help="MiB for sequential workloads (default 1024)")
+    ap.add_argument("--repeat", type=int, default=3, help="interleaved repetitions (default 3)")
+    ap.add_argument("--targets", default="plain,vcfs,gocryptfs,passthrough")
+    ap.add_argument("--recorders", default="64,256,1024", help="stream counts for the recorder workload")
+    ap.add_argument("--recorder-seconds", type=float, default=10)
+    ap.add_argument("--skip", default="", help="comma list of workloads to skip (seq_write_4k,recorders,...)")
+    ap.add_argument("--workdir", default="/var/tmp/vcfs-bench", help="same disk as the backing store you care about")
+    ap.add_argument("--out", default="bench-results", help="directory for JSON and PNG")
+    args = ap.parse_args()
+    size = int(args.size) * MiB
+    work = Path(args.workdir)
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    skip = set(filter(None, args.skip.split(",")))
+    targets = setup_targets(work, args.targets.split(","))
+    res = Results()
+    try:
+        plan: list[tuple[str, Callable[[Target], dict[str, float]]]] = [
+            ("seq_write_1M", lambda t: w_seq_write(t, size, MiB)),
+            ("seq_write_4k", lambda t: w_seq_write(t, size, 4096)),
+            ("seq_read_cold", lambda t: w_seq_read(t, size, cold=True)),
+            ("seq_read_warm", lambda t: w_seq_read(t, size, cold=False)),
+            ("rand_4k_read_cold", lambda t: w_rand_read(t, size, cold=True)),
+            ("rand_4k_read_warm", lambda t: w_rand_read(t, size, cold=False)),
+            ("metadata_5000", w_metadata),
+            ("ffmpeg_record_20s", w_ffmpeg),
+        ]
+        for n in filter(None, args.recorders.split(",")):
+            plan.append((f"recorders_{n}", lambda t, n=int(n): w_recorders(t, n, args.recorder_seconds)))
+        for rep in range(args.repeat):
+            for wl, fn in plan:
+                if wl in skip or wl.split("_")[0] in skip:
+                    continue
+                order = targets if rep % 2 == 0 else list(reversed(targets))
+                for t in order:
+                    print(f"[{rep + 1}/{args.repeat}] {wl} on {t.name}", file=sys.stderr)
+                    res.add(wl, t.name, fn(t))
+        extra = {"peak_rss_mib": {t.name: t.peak_rss_mib() for t in targets}, "size_mib": size // MiB,
+                 "repeat": args.repeat}
+    finally:
+        for t in targets:
+            try:
+                t.stop()
+            except subprocess.CalledProcessError as exc:
+                print(f"bench: could not stop {t.name}: {exc.stderr}", file=sys.stderr)
+    data = report(res, extra)
+    print("peak daemon RSS (MiB):", extra["peak_rss_mib"])
+    out = Path(args.out)
+    out.mkdir(exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(data, indent=2))
+    print(f"json: {out / 'bench.json'}")
+    chart(data, out / "bench.png")
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
