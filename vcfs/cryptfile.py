@@ -272,8 +272,13 @@ class CryptFile:
             self.seals_reserved = self._slot.seals
         self.seals_used = need
 
-    def _write_slot(self, seals: int) -> None:
-        """Write the other header slot with a higher generation, then sync it."""
+    def _write_slot(self, seals: int, sync: bool = True) -> None:
+        """Write the other header slot with a higher generation, then (by default) sync it.
+
+        A raised reservation must be durable before blocks sealed under it; lowering the
+        count to the exact value at close may be lost in a crash, which only leaves the
+        (safe) higher reservation in place, so it is written without a sync.
+        """
         new = KeySlot(
             self._slot.generation + 1,
             self._slot.wrap_alg,
@@ -284,7 +289,8 @@ class CryptFile:
         ).sealed(self._pre, self._keys)
         index = 1 - self._slot_index
         pwrite_all(self.fd, new.encode(), slot_offset(index))
-        os.fdatasync(self.fd)
+        if sync:
+            os.fdatasync(self.fd)
         self._slot, self._slot_index = new, index
         self.seals_persisted = seals
 
@@ -366,11 +372,11 @@ class CryptFile:
                 return
             try:
                 self._flush(keep_tail=False)
-                if self.seals_used != self.seals_persisted and self.seals_used < self.seals_persisted:
+                if self.seals_used < self.seals_persisted:
                     # Bookkeeping, not a change of content: keep the times the data (or a
                     # utimens) left, or every close would move mtime to the moment of release.
                     st = os.fstat(self.fd)
-                    self._write_slot(self.seals_used)
+                    self._write_slot(self.seals_used, sync=False)
                     os.utime(self.fd, ns=(st.st_atime_ns, st.st_mtime_ns))
             finally:
                 os.close(self.fd)

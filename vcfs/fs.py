@@ -420,14 +420,14 @@ class VcfsOperations(pyfuse3.Operations):
         fd = self._oserror(lambda: os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, stat.S_IMODE(mode)))
         try:
             self._own(path, ctx)
-            if self._refresh_keys is not None:
-                await self._run(self._refresh_keys, label="key refresh", hsm=True)
-            current = self.provider.current(self.domain)
 
-            def wrap(dek: bytes) -> Any:
-                return self.provider.wrap(current, dek)
+            def make() -> CryptFile:  # one trip to the HSM worker: refresh keys, wrap, write header
+                if self._refresh_keys is not None:
+                    self._refresh_keys()
+                current = self.provider.current(self.domain)
+                return create_cryptfile(fd, os.fsdecode(path), lambda dek: self.provider.wrap(current, dek))
 
-            cf = await self._run(create_cryptfile, fd, os.fsdecode(path), wrap, label=os.fsdecode(path), hsm=True)
+            cf = await self._run(make, label=os.fsdecode(path), hsm=True)
         except BaseException:
             os.close(fd)
             with contextlib.suppress(OSError):
@@ -457,7 +457,8 @@ class VcfsOperations(pyfuse3.Operations):
 
     async def flush(self, fh: int) -> None:
         cf = self._cf(fh)
-        await self._run(cf.flush, label=cf.label)
+        if cf.dirty:  # every close(2) flushes; readers and clean files skip the thread hop
+            await self._run(cf.flush, label=cf.label)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         cf = self._cf(fh)
