@@ -361,9 +361,13 @@ class CryptFile:
             self._flush(keep_tail=False)
 
     def fsync(self, datasync: bool = True) -> None:
+        """Seal and write what is held, then sync. The sync runs outside the lock: it makes
+        durable everything written before it started, and holding the lock through a slow
+        disk sync would stall this file's writes (and the kernel's shared writeback slots)."""
         with self.lock:
             self._flush(keep_tail=False)
-            (os.fdatasync if datasync else os.fsync)(self.fd)
+            fd = self.fd
+        (os.fdatasync if datasync else os.fsync)(fd)
 
     def close(self) -> None:
         """Flush, record the exact seal count, close the backing file. Idempotent."""
