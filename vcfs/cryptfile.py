@@ -19,6 +19,7 @@ repairs. The header is touched only to reserve seal counts (two alternating slot
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import threading
@@ -54,7 +55,7 @@ from vcfs.errors import (
     UnterminatedError,
 )
 from vcfs.keys.base import KeyRef, Wrapped
-from vcfs.store import fsync_dir, pread_exact, pwrite_all, pwritev_all
+from vcfs.store import fsync_dir, pread_exact, pwrite_all, pwritev_all, reserve_space
 
 # NIST SP 800-38D: at most 2^32 random 96-bit nonces per key. vcfs stops at half of that.
 SEAL_BUDGET = 1 << 31
@@ -309,19 +310,34 @@ class CryptFile:
         old_last = self.disk_blocks - 1
         new_last = max(old_last, todo[-1])
         reseal_old = 0 <= old_last < new_last and old_last not in self.dirty and self.disk_last_final
+        # Full disk: claim the space first, so ENOSPC comes before any byte is overwritten (a
+        # growing partial last block is rewritten in place, and losing space halfway would tear
+        # it, fsynced bytes included). Then nothing has changed on disk and everything stays dirty.
+        on_disk = os.fstat(self.fd).st_size
+        end = block_no_to_cipher_off(todo[-1]) + BLOCK_OVERHEAD + len(self.dirty[todo[-1]])
+        if end > on_disk:
+            reserve_space(self.fd, on_disk, end - on_disk)
         self._reserve_seals(len(todo) + (1 if reseal_old else 0))
         old_plain = self._plain_block(old_last) if reseal_old else b""
         run: list[bytes] = []
         run_start = todo[0]
-        for i, b in enumerate(todo):
-            run.append(self._seal(b, b == new_last, self.dirty[b]))
-            if i + 1 == len(todo) or todo[i + 1] != b + 1:
-                pwritev_all(self.fd, run, block_no_to_cipher_off(run_start))
-                run = []
-                if i + 1 < len(todo):
-                    run_start = todo[i + 1]
-        if reseal_old:
-            pwrite_all(self.fd, self._seal(old_last, False, old_plain), block_no_to_cipher_off(old_last))
+        try:
+            for i, b in enumerate(todo):
+                run.append(self._seal(b, b == new_last, self.dirty[b]))
+                if i + 1 == len(todo) or todo[i + 1] != b + 1:
+                    pwritev_all(self.fd, run, block_no_to_cipher_off(run_start))
+                    run = []
+                    if i + 1 < len(todo):
+                        run_start = todo[i + 1]
+            if reseal_old:
+                pwrite_all(self.fd, self._seal(old_last, False, old_plain), block_no_to_cipher_off(old_last))
+        except OSError:
+            if end > on_disk:
+                # No reservation possible (or another error): drop a partly appended block so the
+                # file ends where it did, not in a torn block. The dirty blocks are still in memory.
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self.fd, on_disk)
+            raise
         if new_last in self.dirty and new_last in todo:
             last_plain = bytes(self.dirty[new_last])
             self.final_cache = (new_last, last_plain)

@@ -6,6 +6,8 @@ as OSError for the adapter to turn into errno replies.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import fcntl
 import os
 from pathlib import Path
@@ -44,6 +46,25 @@ def pwritev_all(fd: int, buffers: list[bytes], offset: int) -> None:
     written = os.pwritev(fd, buffers, offset)
     if written < total:
         pwrite_all(fd, b"".join(buffers)[written:], offset + written)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_FALLOC_FL_KEEP_SIZE = 1
+
+
+def reserve_space(fd: int, offset: int, length: int) -> None:
+    """Allocate disk space for ``offset..offset+length`` without changing the file size.
+
+    So a write that would run out of space fails (ENOSPC) before it overwrites anything, instead
+    of halfway through a block. Filesystems without fallocate(2) get no reservation.
+    """
+    if length <= 0 or _libc.fallocate(fd, _FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+        return
+    err = ctypes.get_errno()
+    if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+        return
+    raise OSError(err, os.strerror(err))
 
 
 def fsync_dir(path: str) -> None:

@@ -154,6 +154,8 @@ def parse_slot(data: bytes) -> KeySlot | None:
     """Decode one slot's fields. Nothing is trusted until verify_slot() accepts it."""
     if data == EMPTY_SLOT_BYTES:
         return None
+    if len(data) != SLOT_LEN:
+        raise HeaderAuthError(f"malformed key slot ({len(data)} bytes, expected {SLOT_LEN})")
     gen, wrap_alg, kver, seals, dlen, wlen = _SLOT_FIXED.unpack_from(data)
     start = _SLOT_FIXED.size
     if gen == 0 or dlen > MAX_DOMAIN_LEN or wlen > MAX_WRAPPED_LEN:
