@@ -290,8 +290,11 @@ class AccessGuard:
             yield
             return
         who = await self.caller(ctx)
-        names = self._names(who)
         where = path()
+        if op == "times" and (who.kernel or where is None):
+            yield  # the kernel writing back cached times (a writer's session covers them)
+            return
+        names = self._names(who)
         self._decide(who, names, op, where, **detail)
         for extra_op, extra_path in also:
             self._decide(who, names, extra_op, extra_path(), **detail)

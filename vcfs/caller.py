@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 CMDLINE_MAX = 160
+PF_KTHREAD = 0x00200000  # include/linux/sched.h: the task is a kernel thread
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +40,7 @@ class Caller:
     comm: str
     cmdline: str  # shortened, NUL separators turned into spaces
     groups: frozenset[int] = frozenset()  # fs gid plus supplementary groups
+    kernel: bool = False  # a kernel thread (writeback flushing cached times on a writer's behalf)
 
     @property
     def key(self) -> str:
@@ -51,18 +53,23 @@ def _read(path: str) -> bytes:
         return f.read()
 
 
-def _stat_key(proc: str, tid: int) -> tuple[str, str] | None:
-    """(start time, comm) of ``tid`` from /proc/<tid>/stat; None if it is gone."""
+def _stat(proc: str, tid: int) -> tuple[tuple[str, str], int] | None:
+    """((start time, comm), flags) of ``tid`` from /proc/<tid>/stat; None if it is gone."""
     try:
         raw = _read(f"{proc}/{tid}/stat")
     except OSError:
         return None
     head, sep, tail = raw.rpartition(b")")
-    if not sep:
-        return None
     fields = tail.split()
+    if not sep or len(fields) < 20:
+        return None
     comm = head.partition(b"(")[2].decode(errors="replace")
-    return (fields[19].decode() if len(fields) > 19 else "", comm)
+    return (fields[19].decode(), comm), int(fields[6])
+
+
+def _stat_key(proc: str, tid: int) -> tuple[str, str] | None:
+    got = _stat(proc, tid)
+    return got[0] if got is not None else None
 
 
 def shorten_cmdline(raw: bytes, limit: int = CMDLINE_MAX) -> str:
@@ -100,7 +107,8 @@ class CallerResolver:
 
     def resolve(self, uid: int, gid: int, tid: int) -> Caller:
         """Read /proc for ``tid`` (blocking; run it in a worker thread) and cache the result."""
-        stat_key = _stat_key(self._proc, tid) if tid else None
+        got = _stat(self._proc, tid) if tid else None
+        stat_key, kernel = (got[0], bool(got[1] & PF_KTHREAD)) if got is not None else (None, False)
         pid, groups, exe, cmdline = 0, {gid}, None, ""
         if stat_key is not None:
             try:
@@ -120,7 +128,8 @@ class CallerResolver:
                 cmdline = shorten_cmdline(_read(f"{self._proc}/{pid}/cmdline"))
             except OSError:
                 cmdline = ""
-        caller = Caller(uid, gid, pid, tid, exe, stat_key[1] if stat_key else "", cmdline, frozenset(groups))
+        comm = stat_key[1] if stat_key else ""
+        caller = Caller(uid, gid, pid, tid, exe, comm, cmdline, frozenset(groups), kernel)
         if stat_key is not None:
             with self._lock:
                 self._cache[(tid, uid, gid)] = (self._clock() + self._ttl, stat_key, caller)
