@@ -25,6 +25,7 @@ from audit_helpers import lines, verify, wait_for
 from conftest import Mounted, force_unmount, is_mounted, require, run_vcfs
 
 from vcfs.cli import _mount_key, _run_dir
+from vcfs.core.layout import block_no_to_cipher_off
 
 pytestmark = pytest.mark.mount
 
@@ -387,3 +388,39 @@ def test_a_bad_policy_file_refuses_the_mount(guarded: Guarded) -> None:
     res = run_vcfs("mount", str(guarded.backing), str(guarded.mnt), "--policy", str(guarded.policy), check=False)
     assert res.returncode == 3 and "line 5: policy.rules[0].allow[0]: unknown operation 'fly'" in res.stderr
     assert "Traceback" not in res.stderr and not is_mounted(guarded.mnt)
+
+
+def test_block_authentication_failures_are_audited_and_a_burst_alerts(guarded: Guarded) -> None:
+    assert guarded.policy is not None
+    guarded.policy.write_text("[alerts]\nauth_failure_burst = 2\nfirst_read = false\n")
+    guarded.mount()
+    data = os.urandom(5 * 65536)
+    (guarded.mnt / "cam.bin").write_bytes(data)
+    guarded.umount()
+    raw = bytearray((guarded.tree / "cam.bin").read_bytes())
+    raw[block_no_to_cipher_off(3) + 9] ^= 1
+    (guarded.tree / "cam.bin").write_bytes(raw)
+    guarded.mount()
+    for _ in range(3):
+        with pytest.raises(OSError):
+            (guarded.mnt / "cam.bin").read_bytes()
+    guarded.umount()
+    failures = guarded.records("block.auth_failed")
+    assert len(failures) >= 3 and failures[0]["path"].endswith("/cam.bin") and failures[0]["detail"]["block"] == 3
+    assert [r["rule"] for r in guarded.records("alert")] == ["auth_failure_burst"]
+    sessions = [s for s in guarded.records("fs.session") if s["path"] == "/cam.bin" and s["mode"] == "r"]
+    assert sessions and all(s["result"] == "EIO" for s in sessions[-3:])
+    assert verify(guarded.audit)[0] == 0  # type: ignore[arg-type]
+
+
+def test_a_dry_run_policy_records_what_it_would_deny(guarded: Guarded, tmp_path: Path) -> None:
+    assert guarded.policy is not None
+    guarded.policy.write_text("[policy]\nenforce = false\n" + _policy(_viewer(tmp_path)))
+    guarded.mount()
+    (guarded.mnt / "rec").mkdir(mode=0o777)
+    os.chmod(guarded.mnt / "rec", 0o777)
+    ok(as_user(RECORDER, "sh", "-c", f"umask 0; echo hi > {guarded.mnt / 'rec' / 'a'}"))
+    assert ok(as_user(RECORDER, "cat", guarded.mnt / "rec" / "a")) == "hi\n"  # let through
+    guarded.umount()
+    would = guarded.records("fs.denied")
+    assert [(r["op"], r["enforced"]) for r in would] == [("read", False)]

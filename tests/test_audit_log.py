@@ -21,6 +21,9 @@ import pytest
 from audit_helpers import lines, open_log, verify, wait_for
 from conftest import run_vcfs
 
+from vcfs import events
+from vcfs.access import AccessGuard
+from vcfs.audit.config import AlertConfig
 from vcfs.audit.query import path_matcher
 from vcfs.audit.record import canonical, sha256_hex
 
@@ -290,3 +293,41 @@ def test_records_are_forwarded_as_rfc5424_and_journal_entries(tmp_path: Path, to
     assert fields[b"PRIORITY"] == b"5" and fields[b"SYSLOG_IDENTIFIER"] == b"vcfs"
     assert json.loads(fields[b"MESSAGE"])["uid"] == 2002
     assert len(got["syslog"]) == len(got["journal"]) >= 4  # start, checkpoint(s), denial, final checkpoint
+
+
+def test_an_alert_is_a_record_a_warning_and_an_event(
+    tmp_path: Path, token: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    log = open_log(tmp_path / "audit", token)
+    guard = AccessGuard(None, log, log.cfg, AlertConfig(auth_failure_burst=3))
+    seen: list[events.Event] = []
+    stop = events.subscribe(lambda e: seen.append(e) if e.kind == events.AUDIT_ALERT else None)
+    try:
+        guard.start(backing="/b", mountpoint="/m")  # listens to vcfs/events.py from here on
+        for block in range(4):
+            events.emit(events.BLOCK_AUTH_FAILED, path="/b/files/cam.bin", block=block, error="tag mismatch")
+        events.emit(events.KEY_UNWRAP, domain="default", version=2)
+        guard.close(result="ok")
+    finally:
+        stop()
+    assert [e.fields["rule"] for e in seen] == ["auth_failure_burst"]  # what the metrics exporter counts
+    assert "audit alert (auth_failure_burst)" in caplog.text
+    recs = [rec for _p, _i, rec in lines(tmp_path / "audit")]
+    assert [r["detail"]["block"] for r in recs if r["event"] == "block.auth_failed"] == [0, 1, 2, 3]
+    assert [r["rule"] for r in recs if r["event"] == "alert"] == ["auth_failure_burst"]
+    assert [r["detail"] for r in recs if r["event"] == "key.unwrap"] == [{"domain": "default", "version": 2}]
+
+
+def test_detector_state_is_authenticated(tmp_path: Path, token: Any) -> None:
+    log = open_log(tmp_path / "audit", token)
+    log.save_state("readers", {"uids": [0, 2002], "exes": ["/usr/bin/vlc"]})
+    log.close()
+    state = tmp_path / "audit" / "readers.state.json"
+    assert oct(state.stat().st_mode & 0o777) == "0o600"
+    log = open_log(tmp_path / "audit", token)
+    assert log.load_state("readers") == {"uids": [0, 2002], "exes": ["/usr/bin/vlc"]}
+    doc = json.loads(state.read_text())
+    doc["data"]["uids"].append(6666)  # someone adds themselves to suppress the first-reader alert
+    state.write_text(json.dumps(doc))
+    assert log.load_state("readers") is None
+    log.close()

@@ -18,7 +18,7 @@ from typing import Any
 from vcfs.audit.hsm import AuditKey, open_offline_key
 from vcfs.audit.query import Filters, parse_when, path_matcher, select, summarise, table
 from vcfs.audit.verify import read_start, verify_log
-from vcfs.errors import UsageError
+from vcfs.errors import AuditError, UsageError
 
 
 def add_parser(sub: Any, key_options: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -82,7 +82,7 @@ def _key(directory: Path, args: argparse.Namespace) -> tuple[AuditKey, Any]:
 def cmd_audit(args: argparse.Namespace) -> int:
     directory: Path = args.logdir
     if not directory.is_dir():
-        raise UsageError(f"{directory} is not a directory", hint="pass the --audit-dir of the mount")
+        raise AuditError(f"{directory} is not a directory", hint="pass the --audit-dir of the mount")
     return {"verify": _verify, "show": _show, "report": _report}[args.audit_command](directory, args)
 
 

@@ -277,6 +277,8 @@ class AuditLog:
     # ---- the writer thread ---------------------------------------------------------------------
 
     def start(self) -> None:
+        if self._thread is not None:
+            return
         self._thread = threading.Thread(target=self._run, name="vcfs-audit-writer", daemon=True)
         self._thread.start()
 
