@@ -267,7 +267,10 @@ class AccessGuard:
             return
         detail = dict(ev.fields)
         path = detail.pop("path", None)
-        extra: dict[str, Any] = {"path": path} if isinstance(path, str) else {}
+        extra: dict[str, Any] = {}
+        if isinstance(path, str):  # a backing path becomes the path at the mount point
+            raw = os.fsencode(path)
+            extra["path"] = self._rel(raw) if self._root and raw.startswith(self._root + b"/") else path
         self.log.submit(ev.kind, ts=rfc3339(ev.time), detail=detail, **extra)
         if ev.kind == events.BLOCK_AUTH_FAILED and self.detector is not None:
             self._alert(self.detector.auth_failure())

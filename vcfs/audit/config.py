@@ -36,6 +36,7 @@ class AuditConfig:
     checkpoint_seconds: float = 60.0
     flush_seconds: float = 0.2
     fsync: bool = True
+    fsync_seconds: float = 1.0  # group commit: written every flush_ms, fsynced at most this often (0: every batch)
     on_failure: str = FAIL_CLOSED
     hash_names: bool = False
     hsm_key: str = ""  # label of the HMAC key in the HSM; "" = one key per log, vcfs-audit-<log id>
@@ -122,8 +123,12 @@ def _positive(v: float) -> bool:
 
 
 def parse_audit(table: Any, p: Problems, where: KeyPath = ("audit",)) -> AuditConfig:
-    known = {f for f in AuditConfig.__dataclass_fields__ if f != "rotate_bytes"} | {"rotate_size", "flush_ms"}
-    known -= {"flush_seconds"}
+    known = {f for f in AuditConfig.__dataclass_fields__ if f != "rotate_bytes"} | {
+        "rotate_size",
+        "flush_ms",
+        "fsync_ms",
+    }
+    known -= {"flush_seconds", "fsync_seconds"}
     t = _Table(table, where, p, known)
     d = AuditConfig()
     directory = t.get("dir", str, None, lambda v: v.startswith("/"), "an absolute path")
@@ -137,6 +142,7 @@ def parse_audit(table: Any, p: Problems, where: KeyPath = ("audit",)) -> AuditCo
         ),
         flush_seconds=t.get("flush_ms", int, 200, lambda v: 1 <= v <= 10_000, "milliseconds from 1 to 10000") / 1000,
         fsync=t.get("fsync", bool, d.fsync),
+        fsync_seconds=t.get("fsync_ms", int, 1000, lambda v: 0 <= v <= 60_000, "milliseconds from 0 to 60000") / 1000,
         on_failure=t.get("on_failure", str, d.on_failure, lambda v: v in (FAIL_CLOSED, FAIL_OPEN), ON_FAILURE_WANT),
         hash_names=t.get("hash_names", bool, d.hash_names),
         hsm_key=t.get("hsm_key", str, d.hsm_key, lambda v: 0 < len(v) <= 64, "a label of 1 to 64 characters"),

@@ -3,8 +3,9 @@
 Producers (the FUSE adapter on the trio loop, event sinks on any thread) call ``submit``: a
 dict goes on a queue under a lock, nothing else, so recording never waits for the log. The
 writer thread wakes every ``flush_ms`` (at once for urgent records such as denials and
-alerts), gives each record its ``seq`` and ``prev`` hash, writes the batch with one write(2)
-to a segment opened O_APPEND and fsyncs it.
+alerts), gives each record its ``seq`` and ``prev`` hash and writes the batch with one write(2)
+to a segment opened O_APPEND; it fsyncs at most every ``fsync_ms`` (group commit: the audit
+log shares the disk with the recordings), and at once for checkpoints and urgent records.
 
 Checkpoints (HMAC-SHA256 in the HSM) are added after ``checkpoint_records`` records, after
 ``checkpoint_seconds``, within a second of an urgent record, at each rotation and at close
@@ -121,6 +122,7 @@ class AuditLog:
         self._last_try = 0.0
         self._cp_blocked_until = 0.0
         self._lock_fd = -1
+        self._last_fsync = 0.0
 
     # ---- opening -------------------------------------------------------------------------------
 
@@ -390,8 +392,9 @@ class AuditLog:
                     n = os.write(self._fd, view[self._buf_off :])
                     self._buf_off += n
                     self._seg_bytes += n
-            if self.cfg.fsync or self._anchor_due is not None:  # the anchor never runs ahead of the disk
-                os.fsync(self._fd)
+            if self._anchor_due is not None or (self.cfg.fsync and self._fsync_due()):
+                os.fsync(self._fd)  # the anchor never runs ahead of the disk
+                self._last_fsync = time.monotonic()
         except OSError as exc:
             self._degrade(exc)
             return False
@@ -412,6 +415,10 @@ class AuditLog:
         if not self.healthy:
             self._recover()
         return True
+
+    def _fsync_due(self) -> bool:
+        """Group commit: every batch is written at once, fsynced at most every fsync_ms (urgent ones now)."""
+        return self._urgent_waiting or time.monotonic() - self._last_fsync >= self.cfg.fsync_seconds
 
     def _degrade(self, exc: OSError) -> None:
         self._degraded_error = exc.strerror or str(exc)

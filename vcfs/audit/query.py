@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from vcfs.audit.record import parse_rfc3339, segments
-from vcfs.errors import UsageError
+from vcfs.errors import AuditError, UsageError
 from vcfs.policy import glob_to_regex
 
 _SPAN = re.compile(r"^(\d+)\s*([smhdw])$")
@@ -103,7 +103,10 @@ def path_matcher(pattern: str, hash_path: Callable[[str], str] | None) -> Callab
 
 
 def select(directory: Path, filters: Filters) -> list[dict[str, Any]]:
-    return [rec for rec in iter_records(directory) if filters.match(rec)]
+    try:
+        return [rec for rec in iter_records(directory) if filters.match(rec)]
+    except OSError as exc:
+        raise AuditError(f"cannot read the audit log in {directory}: {exc.strerror}") from None
 
 
 def _human(n: int) -> str:

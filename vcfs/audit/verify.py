@@ -238,8 +238,11 @@ def verify_log(directory: Path, key: AuditKey | None) -> VerifyReport:
     walk = _Walk(report, key)
     segs = _segments(directory)
     for i, (first_seq, path) in enumerate(segs):
-        if not walk.segment(first_seq, path, i == len(segs) - 1):
-            return report
+        try:
+            if not walk.segment(first_seq, path, i == len(segs) - 1):
+                return report
+        except OSError as exc:
+            raise AuditError(f"cannot read {path}: {exc.strerror}") from None
     last = walk.last
     report.closed = last.get("event") == "checkpoint" and last.get("final") is True
     if not report.closed:
