@@ -88,6 +88,17 @@ def setup_targets(work: Path, names: list[str]) -> list[Target]:
         sh(PY, "-m", "vcfs", "mount", str(work / "vcfs-store"), str(mnt), env=env)
         targets.append(Target("vcfs", mnt, pid_of(f"vcfs mount -f .*{mnt}"),
                               lambda mnt=mnt, env=env: sh(PY, "-m", "vcfs", "umount", str(mnt), env=env)))
+    if "vcfs-audit" in names:  # the same daemon with an access policy and an audit trail
+        env = {**os.environ, "VCFS_HOME": str(work / "vcfs-home")}
+        mnt = work / "vcfs-audit-mnt"
+        mnt.mkdir()
+        policy = work / "bench-policy.toml"
+        policy.write_text(AUDIT_POLICY.format(uid=os.getuid()))
+        sh(PY, "-m", "vcfs", "init", str(work / "vcfs-audit-store"), env=env)
+        sh(PY, "-m", "vcfs", "mount", str(work / "vcfs-audit-store"), str(mnt), "--policy", str(policy),
+           "--audit-dir", str(work / "audit"), env=env)
+        targets.append(Target("vcfs-audit", mnt, pid_of(f"vcfs mount -f .*{mnt}"),
+                              lambda mnt=mnt, env=env: sh(PY, "-m", "vcfs", "umount", str(mnt), env=env)))
     if "gocryptfs" in names and shutil.which("gocryptfs"):
         cipher, mnt = work / "gc-cipher", work / "gc-mnt"
         cipher.mkdir()
@@ -228,6 +239,113 @@ def w_recorders(t: Target, n: int, seconds: float) -> dict[str, float]:
     }
 
 
+AUDIT_POLICY = """
+[policy.principals.recorder]
+uids = [{uid}]
+
+[[policy.rules]]
+paths = ["/**"]
+principals = ["recorder"]
+allow = ["recorder", "list", "delete"]
+"""
+
+
+def w_segments(t: Target, n: int, seconds: float, segment: int, rate: float | None) -> dict[str, float]:
+    """n recorder streams cutting segments of ``segment`` bytes (one create, writes, close each: one audit
+    session per segment), 4-64 KiB pieces, fsync every second; at ``rate`` bytes/s each, or flat out."""
+    lat: list[float] = []
+    total = [0, 0]  # bytes, segments
+    lock = threading.Lock()
+
+    def stream(i: int) -> None:
+        rng = random.Random(i)
+        mine: list[float] = []
+        written = segs = 0
+        start = last_sync = time.monotonic()
+        f = None
+        while (now := time.monotonic()) - start < seconds:
+            if rate is not None and written >= (now - start) * rate:
+                time.sleep(min(0.05, (written - (now - start) * rate) / rate))
+                continue
+            if f is None or f.tell() >= segment:
+                if f is not None:
+                    f.close()
+                f = open(t.mnt / f"seg-{i}-{segs}", "wb", buffering=0)  # noqa: SIM115
+                segs += 1
+            piece = rng.randrange(4096, 65537)
+            t0 = time.monotonic()
+            f.write(b"\0" * piece)
+            mine.append(time.monotonic() - t0)
+            written += piece
+            if now - last_sync >= 1.0:
+                os.fsync(f.fileno())
+                last_sync = now
+        if f is not None:
+            f.close()
+        with lock:
+            lat.extend(mine)
+            total[0] += written
+            total[1] += segs
+
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(n)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    wall = time.monotonic() - t0
+    for p in t.mnt.glob("seg-*"):
+        p.unlink()
+    lat.sort()
+    return {"MiB/s": total[0] / MiB / wall, "segments": total[1], "p50_ms": lat[len(lat) // 2] * 1000,
+            "p99_ms": lat[int(len(lat) * 0.99)] * 1000}
+
+
+def audit_report(res: Results) -> dict[str, object]:
+    """vcfs with vs without auditing: median of each metric and the change (targets: docs/PERFORMANCE.md)."""
+    out: dict[str, object] = {}
+    print(f"{'workload':<24} {'metric':<10} {'vcfs':>10} {'vcfs-audit':>11} {'change':>8}")
+    for wl, by_target in res.runs.items():
+        out[wl] = {}
+        for m in by_target.get("vcfs", {}):
+            off = statistics.median(by_target["vcfs"][m])
+            on = statistics.median(by_target["vcfs-audit"][m])
+            change = (on - off) / off * 100 if off else 0.0
+            out[wl][m] = {"off": off, "on": on, "change_pct": change,  # type: ignore[index]
+                          "off_runs": by_target["vcfs"][m], "on_runs": by_target["vcfs-audit"][m]}
+            print(f"{wl:<24} {m:<10} {off:>10.2f} {on:>11.2f} {change:>+7.1f}%")
+    return out
+
+
+def run_audit_bench(args: argparse.Namespace, work: Path) -> dict[str, object]:
+    """The recorder workload with auditing off and on, interleaved, in one run."""
+    targets = setup_targets(work, ["vcfs", "vcfs-audit"])
+    res = Results()
+    n = int(args.audit_streams)
+    plan = [
+        (f"segments_flat_out_{n}", lambda t: w_segments(t, n, args.recorder_seconds, 8 * MiB, None)),
+        (f"segments_4mbit_{4 * n}", lambda t: w_segments(t, 4 * n, args.recorder_seconds, 2 * MiB, 4e6 / 8)),
+    ]
+    try:
+        for rep in range(args.repeat):
+            for wl, fn in plan:
+                order = targets if rep % 2 == 0 else list(reversed(targets))
+                for t in order:
+                    print(f"[{rep + 1}/{args.repeat}] {wl} on {t.name}", file=sys.stderr)
+                    res.add(wl, t.name, fn(t))
+    finally:
+        for t in targets:
+            t.stop()
+    data = audit_report(res)
+    env = {**os.environ, "VCFS_HOME": str(work / "vcfs-home")}
+    check = subprocess.run([PY, "-m", "vcfs", "audit", "verify", "--json", str(work / "audit")], env=env,
+                           capture_output=True, text=True)
+    verdict = json.loads(check.stdout) if check.stdout else {"error": check.stderr}
+    print(f"audit log of the run: {verdict.get('records')} records, verify: {verdict.get('state')}")
+    return {"audit": data, "audit_log": {k: verdict.get(k) for k in ("records", "checkpoints", "state")},
+            "repeat": args.repeat, "streams": n}
+
+
 # ---- driver ---------------------------------------------------------------------------------
 
 
@@ -303,6 +421,8 @@ def main() -> int:
     ap.add_argument("--recorders", default="64,256,1024", help="stream counts for the recorder workload")
     ap.add_argument("--recorder-seconds", type=float, default=10)
     ap.add_argument("--skip", default="", help="comma list of workloads to skip (seq_write_4k,recorders,...)")
+    ap.add_argument("--workloads", default="", help="'audit': only the recorder workload with auditing off vs on")
+    ap.add_argument("--audit-streams", default="8", help="recorder streams of the audit workload (default 8)")
     ap.add_argument("--workdir", default="/var/tmp/vcfs-bench", help="same disk as the backing store you care about")
     ap.add_argument("--out", default="bench-results", help="directory for JSON and PNG")
     args = ap.parse_args()
@@ -311,6 +431,14 @@ def main() -> int:
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
+    if args.workloads == "audit":
+        data = run_audit_bench(args, work)
+        out = Path(args.out)
+        out.mkdir(exist_ok=True)
+        (out / "bench-audit.json").write_text(json.dumps(data, indent=2))
+        print(f"json: {out / 'bench-audit.json'}")
+        shutil.rmtree(work, ignore_errors=True)
+        return 0
     skip = set(filter(None, args.skip.split(",")))
     targets = setup_targets(work, args.targets.split(","))
     res = Results()

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -95,3 +96,19 @@ def mounted(store: Path, tmp_path: Path) -> Iterator[Mounted]:
             except AssertionError:
                 force_unmount(mnt)
                 raise
+
+
+@pytest.fixture
+def token(vcfs_home: Path) -> Iterator[Any]:
+    """A logged-in session on the embedded SoftHSM2 token (the audit tests' HSM)."""
+    from vcfs.keys import embedded
+    from vcfs.keys.pin import read_pin_file
+    from vcfs.keys.pkcs11 import _LOCK, open_session
+
+    embedded.ensure_token(vcfs_home)
+    session = open_session(embedded.softhsm_module(), embedded.TOKEN_LABEL, read_pin_file(embedded.pin_path(vcfs_home)))
+    try:
+        yield session
+    finally:
+        with _LOCK:
+            session.close()

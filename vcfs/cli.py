@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from vcfs import __version__, keyops
+from vcfs import __version__, auditcli, keyops
 from vcfs.config import StoreConfig, save_config
 from vcfs.errors import MountError, UsageError, VcfsError
 from vcfs.export import decrypt_file, export
@@ -72,6 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-allow-other", dest="allow_other", action="store_false")
     p.add_argument("--debug", action="store_true", help="log every FUSE request")
+    p.add_argument(
+        "--policy",
+        type=Path,
+        metavar="FILE",
+        help="access policy and audit settings ([policy], [audit], [alerts] TOML; re-read on SIGHUP); "
+        "see docs/AUDIT.md",
+    )
+    p.add_argument("--audit-dir", type=Path, metavar="DIR", help="keep a tamper-evident audit log in DIR")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     _key_options(p)
 
@@ -162,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("version", type=int, metavar="VERSION")
     p.add_argument("--force", action="store_true", help="destroy even though files still use it")
     _key_options(p)
+    auditcli.add_parser(sub, _key_options)
     return parser
 
 
@@ -214,6 +223,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
         keys=HostKeyOptions(args.pkcs11_module, args.pin_file),
         allow_other=args.allow_other,
         debug=args.debug,
+        policy_file=args.policy.resolve() if args.policy else None,
+        audit_dir=args.audit_dir.resolve() if args.audit_dir else None,
     )
     if args.foreground:
         logging.basicConfig(
@@ -246,7 +257,12 @@ def _spawn_daemon(args: argparse.Namespace) -> int:
         str(args.backing),
         str(args.mountpoint),
     ]
-    for flag, value in (("--pkcs11-module", args.pkcs11_module), ("--pin-file", args.pin_file)):
+    for flag, value in (
+        ("--pkcs11-module", args.pkcs11_module),
+        ("--pin-file", args.pin_file),
+        ("--policy", args.policy and str(args.policy.resolve())),
+        ("--audit-dir", args.audit_dir and str(args.audit_dir.resolve())),
+    ):
         if value:
             argv += [flag, value]
     if args.allow_other is not None:
@@ -417,6 +433,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
+    "audit": auditcli.cmd_audit,
     "keys": cmd_keys,
     "init": cmd_init,
     "mount": cmd_mount,

@@ -36,6 +36,20 @@ class ConfigError(VcfsError):
     exit_code = 3
 
 
+class PolicyError(ConfigError):
+    """The access policy or audit config is invalid; ``problems`` lists every mistake with its line."""
+
+    def __init__(self, message: str, problems: list[str], hint: str | None = None) -> None:
+        super().__init__(message, hint)
+        self.problems = problems
+
+
+class AuditError(VcfsError):
+    """The audit trail cannot be started or read: log directory, audit key or anchor (exit 8)."""
+
+    exit_code = 8
+
+
 class KeyProviderError(VcfsError):
     """The HSM, token, PIN or KEK is missing, wrong or unsafe (exit 4)."""
 

@@ -32,6 +32,10 @@ KEY_ROTATE = "key.rotate"
 KEY_RETIRE = "key.retire"
 KEY_DESTROY = "key.destroy"
 BLOCK_AUTH_FAILED = "block.auth_failed"
+# Audit trail (vcfs/audit): an anomaly rule fired; the log could not be written / works again.
+AUDIT_ALERT = "audit.alert"
+AUDIT_DEGRADED = "audit.degraded"
+AUDIT_RECOVERED = "audit.recovered"
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,6 +25,8 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
+from vcfs import events
+from vcfs.access import AccessGuard
 from vcfs.core.layout import cipher_to_plain_size_or_floor
 from vcfs.cryptfile import CryptFile, create_cryptfile, open_cryptfile
 from vcfs.errors import IntegrityError, KeyProviderError, VcfsError
@@ -56,10 +58,17 @@ class VcfsOperations(pyfuse3.Operations):
     enable_writeback_cache = True
 
     def __init__(
-        self, tree: bytes, provider: KeyProvider, domain: str, refresh_keys: Callable[[], None] | None = None
+        self,
+        tree: bytes,
+        provider: KeyProvider,
+        domain: str,
+        refresh_keys: Callable[[], None] | None = None,
+        guard: AccessGuard | None = None,
     ) -> None:
         super().__init__()
         self.inodes = InodeTable(tree)
+        self.guard = guard or AccessGuard()  # access policy + audit trail; inert when neither is configured
+        self.guard.attach(self.inodes)
         self.provider = provider
         self.domain = domain
         self._refresh_keys = refresh_keys  # picks up a rotated KEK before a new file is wrapped
@@ -82,6 +91,7 @@ class VcfsOperations(pyfuse3.Operations):
         except IntegrityError as exc:
             self.stats["auth_failures"] += 1
             log.error("authentication failed: %s: %s", label, exc.message)
+            events.emit(events.BLOCK_AUTH_FAILED, path=label, block=getattr(exc, "block_no", None), error=exc.message)
             raise pyfuse3.FUSEError(errno.EIO) from None
         except KeyProviderError as exc:
             log.error("key error on %s: %s", label, exc.message)
@@ -160,6 +170,15 @@ class VcfsOperations(pyfuse3.Operations):
         fh: int | None,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
+        op, changed, audited = self.guard.setattr_op(fields, fh)
+        async with self.guard.op(
+            ctx, op, "fs.setattr", lambda: self.guard.path_of(inode), record=audited, fields=changed
+        ):
+            return await self._setattr(inode, attr, fields)
+
+    async def _setattr(
+        self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields
+    ) -> pyfuse3.EntryAttributes:
         async with self._held(inode, open_file=bool(fields.update_size)) as cf:
             if fields.update_size:
                 assert cf is not None
@@ -234,7 +253,8 @@ class VcfsOperations(pyfuse3.Operations):
     # ---- directories ---------------------------------------------------------------------
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        return inode
+        async with self.guard.op(ctx, "list", "fs.list", lambda: self.guard.path_of(inode), record=False):
+            return inode
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         def listing() -> list[tuple[bytes, os.stat_result]]:
@@ -277,7 +297,8 @@ class VcfsOperations(pyfuse3.Operations):
             self._own(path, ctx)
             return self._entry(parent_inode, name)
 
-        return await self._run(make, label="mkdir")
+        async with self.guard.op(ctx, "create", "fs.mkdir", lambda: self.guard.child_of(parent_inode, name)):
+            return await self._run(make, label="mkdir")
 
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         def remove() -> None:
@@ -286,7 +307,8 @@ class VcfsOperations(pyfuse3.Operations):
             if inode is not None:
                 self.inodes.drop_link(inode, parent_inode, name)
 
-        await self._run(remove, label="rmdir")
+        async with self.guard.op(ctx, "delete", "fs.rmdir", lambda: self.guard.child_of(parent_inode, name)):
+            await self._run(remove, label="rmdir")
 
     # ---- names ---------------------------------------------------------------------------
 
@@ -298,7 +320,8 @@ class VcfsOperations(pyfuse3.Operations):
                 self.inodes.drop_link(inode, parent_inode, name)
                 self._keep_cache.pop(inode, None)
 
-        await self._run(remove, label="unlink")
+        async with self.guard.op(ctx, "delete", "fs.unlink", lambda: self.guard.child_of(parent_inode, name)):
+            await self._run(remove, label="unlink")
 
     async def symlink(
         self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
@@ -309,7 +332,8 @@ class VcfsOperations(pyfuse3.Operations):
             self._own(path, ctx)
             return self._entry(parent_inode, name)
 
-        return await self._run(make, label="symlink")
+        async with self.guard.op(ctx, "create", "fs.symlink", lambda: self.guard.child_of(parent_inode, name)):
+            return await self._run(make, label="symlink")
 
     async def link(
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
@@ -318,7 +342,8 @@ class VcfsOperations(pyfuse3.Operations):
             os.link(self.inodes.path(inode), self.inodes.child_path(new_parent_inode, new_name), follow_symlinks=False)
             return self._entry(new_parent_inode, new_name)
 
-        return await self._run(make, label="link")
+        async with self.guard.link(ctx, inode, new_parent_inode, new_name):
+            return await self._run(make, label="link")
 
     async def rename(
         self,
@@ -346,7 +371,9 @@ class VcfsOperations(pyfuse3.Operations):
             if moved is not None:
                 self.inodes.move(moved, (parent_inode_old, name_old), (parent_inode_new, name_new))
 
-        await self._run(move, label="rename")
+        exchange = bool(flags & pyfuse3.RENAME_EXCHANGE)
+        async with self.guard.rename(ctx, parent_inode_old, name_old, parent_inode_new, name_new, exchange):
+            await self._run(move, label="rename")
 
     async def mknod(
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
@@ -364,7 +391,8 @@ class VcfsOperations(pyfuse3.Operations):
             self._own(path, ctx)
             return self._entry(parent_inode, name)
 
-        return await self._run(make, label="mknod")
+        async with self.guard.op(ctx, "create", "fs.mknod", lambda: self.guard.child_of(parent_inode, name)):
+            return await self._run(make, label="mknod")
 
     # ---- files ---------------------------------------------------------------------------
 
@@ -393,6 +421,11 @@ class VcfsOperations(pyfuse3.Operations):
         return (st.st_mtime_ns, st.st_size)
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        grant = await self.guard.open(ctx, inode, flags)  # EACCES (audited) if the policy says no
+        with grant:  # a failed open is audited with its errno
+            return grant.bind(await self._open(inode, flags))
+
+    async def _open(self, inode: int, flags: int) -> pyfuse3.FileInfo:
         async with self._open_lock:
             opened = self._files.get(inode)
             if opened is None:
@@ -415,6 +448,14 @@ class VcfsOperations(pyfuse3.Operations):
 
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        grant = await self.guard.create(ctx, parent_inode, name, flags)
+        with grant:
+            fi, attr = await self._create(parent_inode, name, mode, ctx)
+            return grant.bind(fi, attr.st_ino), attr
+
+    async def _create(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         path = self._oserror(lambda: self.inodes.child_path(parent_inode, name))
         fd = self._oserror(lambda: os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, stat.S_IMODE(mode)))
@@ -447,13 +488,26 @@ class VcfsOperations(pyfuse3.Operations):
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         cf = self._cf(fh)
-        return await self._run(cf.read, off, size, label=cf.label)
+        try:
+            data = await self._run(cf.read, off, size, label=cf.label)
+        except pyfuse3.FUSEError as exc:
+            self.guard.failed(fh, exc.errno)
+            raise
+        self.guard.read(fh, len(data))
+        return data
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         cf = self._cf(fh)
         if cf.try_write_buffered(off, buf):
+            self.guard.wrote(fh, len(buf))
             return len(buf)
-        return await self._run(cf.write, off, buf, label=cf.label)
+        try:
+            n = await self._run(cf.write, off, buf, label=cf.label)
+        except pyfuse3.FUSEError as exc:
+            self.guard.failed(fh, exc.errno)
+            raise
+        self.guard.wrote(fh, n)
+        return n
 
     async def flush(self, fh: int) -> None:
         cf = self._cf(fh)
@@ -465,6 +519,12 @@ class VcfsOperations(pyfuse3.Operations):
         await self._run(cf.fsync, datasync, label=cf.label)
 
     async def release(self, fh: int) -> None:
+        try:
+            await self._release(fh)
+        finally:
+            self.guard.release(fh)  # the session's audit record, with what it read and wrote
+
+    async def _release(self, fh: int) -> None:
         async with self._open_lock:
             inode = self._handles.pop(fh, None)
             if inode is None:

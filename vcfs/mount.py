@@ -16,9 +16,11 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from vcfs.access import AccessGuard
 from vcfs.config import config_path, load_config
 from vcfs.errors import MountError, VcfsError
 from vcfs.fs import VcfsOperations
+from vcfs.guardsetup import Reload, load_access, open_guard
 from vcfs.keys.pkcs11 import Pkcs11Provider
 from vcfs.keys.setup import HostKeyOptions, open_provider, refresh_provider
 from vcfs.store import lock_store
@@ -34,6 +36,8 @@ class MountOptions:
     keys: HostKeyOptions
     allow_other: bool | None = None  # None: allow other users when running as root
     debug: bool = False
+    policy_file: Path | None = None  # [policy]/[audit]/[alerts] TOML, re-read on SIGHUP
+    audit_dir: Path | None = None  # overrides [audit].dir
 
 
 def mounted_vcfs(mountpoint: Path) -> bool:
@@ -90,15 +94,24 @@ def _report(ready_fd: int | None, text: str) -> None:
 def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
     """Mount and serve until unmounted or signalled; returns the exit code."""
     provider = None
+    guard: AccessGuard | None = None
     mounted = False
     try:
         cfg = load_config(opts.backing)
         check_mountpoint(opts.mountpoint)
+        access = load_access(opts.policy_file)
         provider = open_provider(cfg, opts.keys)
         provider.self_test(cfg.default_domain)
         lock_store(opts.backing)  # only now: a refused mount leaves the store untouched
+        guard, reload = open_guard(
+            access, opts.policy_file, opts.audit_dir, cfg, provider, opts.backing, opts.mountpoint
+        )
         ops = VcfsOperations(
-            os.fsencode(tree_path(opts.backing)), provider, cfg.default_domain, ConfigWatcher(opts.backing, provider)
+            os.fsencode(tree_path(opts.backing)),
+            provider,
+            cfg.default_domain,
+            ConfigWatcher(opts.backing, provider),
+            guard,
         )
         options = set(pyfuse3.default_options)
         options |= {f"fsname={opts.backing}", "subtype=vcfs"}
@@ -118,25 +131,29 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
         mounted = True
     except VcfsError as exc:
         _report(ready_fd, f"error {exc.exit_code}\n{exc.message}\n{exc.hint or ''}\n")
+        if guard is not None:
+            guard.close(result="mount failed")
         if provider is not None:
             provider.close()
         raise
     log.info("mounted %s at %s (KEK %s)", opts.backing, opts.mountpoint, provider.current(cfg.default_domain))
+    guard.start(backing=str(opts.backing), mountpoint=str(opts.mountpoint), policy=access.digest or None)
     _report(ready_fd, "ok\n")
     try:
-        trio.run(_main, ops, str(opts.mountpoint))
+        trio.run(_main, ops, str(opts.mountpoint), reload)
     finally:
         if mounted:
             pyfuse3.close(unmount=True)
+        guard.close(result="ok")  # after the kernel let go: the last sessions are recorded
         provider.close()
         log.info("unmounted %s", opts.mountpoint)
     return 0
 
 
-async def _main(ops: VcfsOperations, mountpoint: str) -> None:
+async def _main(ops: VcfsOperations, mountpoint: str, reload: Reload | None) -> None:
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_on_signals, mountpoint)
+            nursery.start_soon(_on_signals, mountpoint, reload)
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
     finally:
@@ -145,11 +162,15 @@ async def _main(ops: VcfsOperations, mountpoint: str) -> None:
             await ops.close_all()
 
 
-async def _on_signals(mountpoint: str) -> None:
-    """SIGTERM/SIGINT: pull dirty pages out of the kernel, then stop serving."""
+async def _on_signals(mountpoint: str, reload: Reload | None) -> None:
+    """SIGTERM/SIGINT: pull dirty pages out of the kernel, then stop serving. SIGHUP: re-read the policy."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             if signum == signal.SIGHUP:
+                if reload is not None:
+                    await reload()  # a bad file is refused and audited; the current policy stays
+                else:
+                    log.info("SIGHUP: no policy file to re-read")
                 continue
             log.info("signal %s: flushing and unmounting", signal.Signals(signum).name)
             try:

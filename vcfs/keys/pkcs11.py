@@ -290,3 +290,116 @@ def destroy_kek(session: Any, uri: Pkcs11Uri) -> bool:
     except p11e.PKCS11Error as exc:
         raise KeyProviderError(f"the token refused to destroy KEK {uri}: {type(exc).__name__}") from None
     return True
+
+
+# ==== audit trail: HMAC key and checkpoint anchors (used by vcfs/audit/hsm.py) =====================
+# Kept at the end of the file and self-contained so that key-lifecycle changes above do not collide
+# with it. The audit key is a non-extractable generic secret that only signs and verifies
+# (CKM_SHA256_HMAC); the anchor is a private token data object holding the last checkpoint, so a
+# log cut back to an earlier checkpoint is caught by comparing with what the HSM remembers.
+
+AUDIT_KEY_TEMPLATE = {
+    Attribute.TOKEN: True,
+    Attribute.PRIVATE: True,
+    Attribute.SENSITIVE: True,
+    Attribute.EXTRACTABLE: False,
+    Attribute.SIGN: True,
+    Attribute.VERIFY: True,
+    Attribute.ENCRYPT: False,
+    Attribute.DECRYPT: False,
+    Attribute.WRAP: False,
+    Attribute.UNWRAP: False,
+    Attribute.DERIVE: False,
+    Attribute.MODIFIABLE: False,
+}
+AUDIT_ANCHOR_APPLICATION = "vcfs-audit-anchor"
+
+
+def audit_key(session: Any, label: str, create: bool) -> Any:
+    """The audit HMAC key ``label``; generated in the token on first use when ``create``."""
+    try:
+        key = _locked(
+            session.get_key, object_class=ObjectClass.SECRET_KEY, key_type=KeyType.GENERIC_SECRET, label=label
+        )
+    except p11e.NoSuchKey:
+        if not create:
+            raise KeyProviderError(
+                f"audit key {label!r} not found in the token",
+                hint="checkpoints are verified with the token the mount used; check --pkcs11-module and VCFS_HOME",
+            ) from None
+        try:
+            key = _locked(
+                session.generate_key,
+                KeyType.GENERIC_SECRET,
+                256,
+                label=label,
+                store=True,
+                mechanism=Mechanism.GENERIC_SECRET_KEY_GEN,
+                template=AUDIT_KEY_TEMPLATE,
+            )
+        except p11e.PKCS11Error as exc:
+            raise KeyProviderError(f"could not create audit key {label!r} in the token: {type(exc).__name__}") from None
+    except p11e.MultipleObjectsReturned:
+        raise KeyProviderError(f"more than one audit key is labelled {label!r} in the token") from None
+    for attr, want in ((Attribute.SENSITIVE, True), (Attribute.EXTRACTABLE, False), (Attribute.SIGN, True)):
+        try:
+            got = _locked(key.__getitem__, attr)
+        except p11e.PKCS11Error:
+            got = None
+        if bool(got) != want:
+            raise KeyProviderError(
+                f"audit key {label!r} is unsafe: {attr.name}={got}",
+                hint="the audit key must be sensitive and never extractable; delete it and let vcfs create one",
+            )
+    return key
+
+
+def audit_hmac(key: Any, data: bytes) -> bytes:
+    """HMAC-SHA256 of ``data`` computed inside the token."""
+    try:
+        return bytes(_locked(key.sign, data, mechanism=Mechanism.SHA256_HMAC))
+    except p11e.PKCS11Error as exc:
+        raise KeyProviderError(f"the token refused to compute an audit HMAC: {type(exc).__name__}") from None
+
+
+def audit_hmac_verify(key: Any, data: bytes, mac: bytes) -> bool:
+    """True if ``mac`` is the token's HMAC-SHA256 of ``data`` (compared inside the token)."""
+    try:
+        return bool(_locked(key.verify, data, mac, mechanism=Mechanism.SHA256_HMAC))
+    except p11e.PKCS11Error:
+        return False
+
+
+def audit_anchor_read(session: Any, label: str) -> list[bytes]:
+    """Values of every anchor object labelled ``label`` (normally one; two after a crash mid-update)."""
+    template = {
+        Attribute.CLASS: ObjectClass.DATA,
+        Attribute.LABEL: label,
+        Attribute.APPLICATION: AUDIT_ANCHOR_APPLICATION,
+    }
+    with _LOCK:
+        try:
+            return [bytes(obj[Attribute.VALUE]) for obj in session.get_objects(template)]
+        except p11e.PKCS11Error as exc:
+            raise KeyProviderError(f"cannot read audit anchor {label!r}: {type(exc).__name__}") from None
+
+
+def audit_anchor_write(session: Any, label: str, value: bytes) -> None:
+    """Replace the anchor ``label`` by one holding ``value``: the new object first, then the old ones go.
+
+    Data objects' values are read-only in SoftHSM2, so the anchor is replaced rather than updated;
+    a crash in between leaves both, and readers take the newest by its content.
+    """
+    template = {
+        Attribute.CLASS: ObjectClass.DATA,
+        Attribute.LABEL: label,
+        Attribute.APPLICATION: AUDIT_ANCHOR_APPLICATION,
+    }
+    with _LOCK:
+        try:
+            old = list(session.get_objects(template))
+            session.create_object({**template, Attribute.VALUE: value, Attribute.TOKEN: True, Attribute.PRIVATE: True})
+            for obj in old:
+                obj.destroy()
+        except p11e.PKCS11Error as exc:
+            raise KeyProviderError(f"cannot update audit anchor {label!r}: {type(exc).__name__}") from None
