@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
+from vcfs import counters
 from vcfs.core.layout import cipher_to_plain_size_or_floor
 from vcfs.cryptfile import CryptFile, create_cryptfile, open_cryptfile
 from vcfs.errors import IntegrityError, KeyProviderError, VcfsError
@@ -71,7 +72,11 @@ class VcfsOperations(pyfuse3.Operations):
         self._io = trio.CapacityLimiter(16)
         self._keep_cache: dict[int, tuple[int, int]] = {}  # inode -> backing (mtime_ns, size)
         self._chown = os.geteuid() == 0
-        self.stats = {"auth_failures": 0}
+
+    @property
+    def open_files(self) -> int:
+        """Files open in the mount now (each counted once, however many handles share it)."""
+        return len(self._files)
 
     # ---- helpers -------------------------------------------------------------------------
 
@@ -80,7 +85,7 @@ class VcfsOperations(pyfuse3.Operations):
         try:
             return await trio.to_thread.run_sync(fn, *args, limiter=self._hsm if hsm else self._io)
         except IntegrityError as exc:
-            self.stats["auth_failures"] += 1
+            counters.add(counters.AUTH_FAILURES)
             log.error("authentication failed: %s: %s", label, exc.message)
             raise pyfuse3.FUSEError(errno.EIO) from None
         except KeyProviderError as exc:

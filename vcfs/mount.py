@@ -1,26 +1,30 @@
 """Daemon lifecycle: open keys, mount, serve, and on the way out flush, unmount, close.
 
 Readiness is reported through a pipe (``ready_fd``) that the backgrounding parent reads, so
-``vcfs mount`` returns 0 only once the kernel mount exists, and any failure before that is
-handed back as a one-line message instead of being lost in a log file.
+``vcfs mount`` returns 0 only once the mount answers, and any failure before that is handed
+back as a one-line message instead of being lost in a log file. What runs beside the FUSE
+loop (systemd notify, watchdog, signals, control socket, metrics) is in vcfs/service.py.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyfuse3
 import trio
 
+from vcfs import service
 from vcfs.config import config_path, load_config
 from vcfs.errors import MountError, VcfsError
 from vcfs.fs import VcfsOperations
+from vcfs.keys.metered import MeteredProvider
 from vcfs.keys.pkcs11 import Pkcs11Provider
 from vcfs.keys.setup import HostKeyOptions, open_provider, refresh_provider
+from vcfs.mountconfig import ControlSection, MetricsSection
+from vcfs.mountstate import MountState
 from vcfs.store import lock_store
 from vcfs.storelayout import tree_path
 
@@ -34,19 +38,29 @@ class MountOptions:
     keys: HostKeyOptions
     allow_other: bool | None = None  # None: allow other users when running as root
     debug: bool = False
+    fuse_options: frozenset[str] = frozenset()  # kernel mount flags (mountconfig.FUSE_FLAGS)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
+    control: ControlSection = field(default_factory=ControlSection)
 
 
-def mounted_vcfs(mountpoint: Path) -> bool:
-    """True if ``mountpoint`` carries a vcfs FUSE mount (per /proc/self/mounts)."""
+def _unescape(raw: bytes) -> bytes:
+    return raw.replace(b"\\040", b" ").replace(b"\\011", b"\t").replace(b"\\012", b"\n").replace(b"\\134", b"\\")
+
+
+def mount_source(mountpoint: Path) -> str | None:
+    """The backing directory of the vcfs mount at ``mountpoint`` (per /proc/self/mounts), or None."""
     target = os.fsencode(os.path.realpath(mountpoint))
     with open("/proc/self/mounts", "rb") as f:
         for line in f:
             fields = line.split()
-            if len(fields) > 2 and fields[2] == b"fuse.vcfs":
-                where = fields[1].replace(b"\\040", b" ").replace(b"\\011", b"\t").replace(b"\\134", b"\\")
-                if where == target:
-                    return True
-    return False
+            if len(fields) > 2 and fields[2] == b"fuse.vcfs" and _unescape(fields[1]) == target:
+                return os.fsdecode(_unescape(fields[0]))
+    return None
+
+
+def mounted_vcfs(mountpoint: Path) -> bool:
+    """True if ``mountpoint`` carries a vcfs FUSE mount (per /proc/self/mounts)."""
+    return mount_source(mountpoint) is not None
 
 
 def check_mountpoint(mountpoint: Path) -> None:
@@ -90,6 +104,7 @@ def _report(ready_fd: int | None, text: str) -> None:
 def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
     """Mount and serve until unmounted or signalled; returns the exit code."""
     provider = None
+    extras = None
     mounted = False
     try:
         cfg = load_config(opts.backing)
@@ -98,9 +113,14 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
         provider.self_test(cfg.default_domain)
         lock_store(opts.backing)  # only now: a refused mount leaves the store untouched
         ops = VcfsOperations(
-            os.fsencode(tree_path(opts.backing)), provider, cfg.default_domain, ConfigWatcher(opts.backing, provider)
+            os.fsencode(tree_path(opts.backing)),
+            MeteredProvider(provider),
+            cfg.default_domain,
+            ConfigWatcher(opts.backing, provider),
         )
-        options = set(pyfuse3.default_options)
+        state = MountState(opts.backing, opts.mountpoint, lambda: ops.open_files)
+        extras = service.open_extras(opts.mountpoint, opts.control, opts.metrics, state)  # may refuse: port taken
+        options = set(pyfuse3.default_options) | set(opts.fuse_options)
         options |= {f"fsname={opts.backing}", "subtype=vcfs"}
         allow_other = os.geteuid() == 0 if opts.allow_other is None else opts.allow_other
         if allow_other:
@@ -108,6 +128,7 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
         if opts.debug:
             options.add("debug")
         os.umask(0)
+        service.block_stop_signals()
         try:
             pyfuse3.init(ops, str(opts.mountpoint), options)
         except RuntimeError as exc:
@@ -118,43 +139,19 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
         mounted = True
     except VcfsError as exc:
         _report(ready_fd, f"error {exc.exit_code}\n{exc.message}\n{exc.hint or ''}\n")
+        if extras is not None:
+            extras.close()
         if provider is not None:
             provider.close()
         raise
     log.info("mounted %s at %s (KEK %s)", opts.backing, opts.mountpoint, provider.current(cfg.default_domain))
-    _report(ready_fd, "ok\n")
+    daemon = extras.daemon(ops, opts.backing, lambda: _report(ready_fd, "ok\n"))
     try:
-        trio.run(_main, ops, str(opts.mountpoint))
+        trio.run(service.run, daemon)
     finally:
         if mounted:
             pyfuse3.close(unmount=True)
+        extras.close()
         provider.close()
         log.info("unmounted %s", opts.mountpoint)
     return 0
-
-
-async def _main(ops: VcfsOperations, mountpoint: str) -> None:
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_on_signals, mountpoint)
-            await pyfuse3.main()
-            nursery.cancel_scope.cancel()
-    finally:
-        # Also after an error in the FUSE loop: whatever is still open gets sealed and synced.
-        with trio.CancelScope(shield=True):
-            await ops.close_all()
-
-
-async def _on_signals(mountpoint: str) -> None:
-    """SIGTERM/SIGINT: pull dirty pages out of the kernel, then stop serving."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async for signum in signals:
-            if signum == signal.SIGHUP:
-                continue
-            log.info("signal %s: flushing and unmounting", signal.Signals(signum).name)
-            try:
-                await trio.to_thread.run_sync(pyfuse3.syncfs, mountpoint)
-            except OSError as exc:
-                log.error("syncfs before shutdown failed: %s", exc)
-            pyfuse3.terminate()
-            return
