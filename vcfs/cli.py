@@ -528,6 +528,9 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(exc)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # vcfs status | head
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 def mount_helper(argv: list[str] | None = None) -> int:
@@ -537,12 +540,3 @@ def mount_helper(argv: list[str] | None = None) -> int:
     except VcfsError as exc:
         return _fail(exc)
     return 0 if args is None else main(args)
-
-
-def umount_helper(argv: list[str] | None = None) -> int:
-    """``umount.fuse.vcfs``: called by umount(8) as HELPER DIR [-flnrv]."""
-    try:
-        args = mounthelper.umount_argv(sys.argv[1:] if argv is None else argv)
-    except VcfsError as exc:
-        return _fail(exc)
-    return main(args)

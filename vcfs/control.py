@@ -95,13 +95,13 @@ async def serve(sock: socket.socket, path: Path, handler: Handler) -> None:
 async def _answer(stream: trio.SocketStream, handler: Handler) -> None:  # one connection
     async with stream:
         uid = peer_uid(stream.socket)
-        if uid not in allowed_uids():
-            log.warning("control socket: refused uid %d (only root and uid %d)", uid, os.geteuid())
-            await _send(stream, {"error": "permission denied: only root and the mount's owner may ask"})
-            return
         with trio.move_on_after(CLIENT_TIMEOUT):
-            request = await _read_line(stream)
+            request = await _read_line(stream)  # read first, so the client sees the refusal, not EPIPE
             if request is None:
+                return
+            if uid not in allowed_uids():
+                log.warning("control socket: refused uid %d (only root and uid %d)", uid, os.geteuid())
+                await _send(stream, {"error": "permission denied: only root and the mount's owner may ask"})
                 return
             try:
                 msg = json.loads(request)

@@ -1,13 +1,16 @@
-"""``mount.vcfs`` / ``mount.fuse.vcfs`` / ``umount.fuse.vcfs``: what mount(8) runs for vcfs.
+"""``mount.vcfs`` / ``mount.fuse.vcfs``: what mount(8) runs for vcfs.
 
 ``mount -t fuse.vcfs BACKING MOUNTPOINT -o config=FILE,...`` (and an /etc/fstab line or a
 systemd .mount unit, which both end up there) makes mount(8) run
 ``/sbin/mount.fuse.vcfs BACKING MOUNTPOINT [-sfnvrw] [-N NS] [-o OPTIONS] [-t TYPE]``, with
 PATH removed from the environment. This module only translates that call into the
 ``vcfs mount`` command line (which backgrounds the daemon and returns once the mount
-answers), so the helper and the CLI cannot drift apart. ``umount MOUNTPOINT`` runs
-``umount.fuse.vcfs MOUNTPOINT [-flnrv] [-N NS] [-t TYPE]``, which becomes ``vcfs umount``:
-it waits until the daemon has sealed and synced everything.
+answers), so the helper and the CLI cannot drift apart.
+
+``umount MOUNTPOINT`` needs no helper (umount(8) would look for ``umount.fuse``, shared by
+every FUSE filesystem, so vcfs ships none): the kernel writes back the mount's dirty pages
+to the daemon before the unmount completes, and the daemon then seals and fsyncs what it
+holds and exits. ``vcfs umount`` also waits for that last step.
 
 Options: the vcfs ones are below; mount flags (mountconfig.FUSE_FLAGS) go to the kernel;
 options meant for mount(8), fstab or systemd are ignored; anything else is an error that
@@ -89,17 +92,3 @@ def mount_argv(args: list[str]) -> list[str] | None:
     if fake:
         return None
     return ["mount", *positional, *out]
-
-
-def umount_argv(args: list[str]) -> list[str]:
-    """``vcfs`` arguments for an umount(8) helper call."""
-    it = iter(args)
-    positional = []
-    for arg in it:
-        if arg in ("-t", "-N"):
-            next(it, "")
-        elif not arg.startswith("-"):
-            positional.append(arg)
-    if len(positional) != 1:
-        raise UsageError("usage: umount.fuse.vcfs MOUNTPOINT")
-    return ["umount", positional[0]]
