@@ -31,6 +31,7 @@ from vcfs.cryptfile import CryptFile, create_cryptfile, open_cryptfile
 from vcfs.errors import IntegrityError, KeyProviderError, VcfsError
 from vcfs.inodes import InodeTable
 from vcfs.keys.base import KeyProvider
+from vcfs.privileges import can_chown
 from vcfs.store import open_backing
 
 log = logging.getLogger("vcfs.fs")
@@ -71,7 +72,7 @@ class VcfsOperations(pyfuse3.Operations):
         self._hsm = trio.CapacityLimiter(1)
         self._io = trio.CapacityLimiter(16)
         self._keep_cache: dict[int, tuple[int, int]] = {}  # inode -> backing (mtime_ns, size)
-        self._chown = os.geteuid() == 0
+        self._chown = can_chown()  # root, or the service user with CAP_CHOWN
 
     @property
     def open_files(self) -> int:
