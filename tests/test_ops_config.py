@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 from conftest import Mounted, is_mounted, require, run_vcfs
 
 from vcfs.errors import ConfigError
-from vcfs.mountconfig import load_mount_config
+from vcfs.mountconfig import FUSE_FLAGS, load_mount_config
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "systemd" / "srv-recordings.toml"
 
@@ -107,3 +108,21 @@ def test_mount_from_config_alone_and_flags_override_it(store: Path, tmp_path: Pa
         Mounted(store, other).umount()
     res = run_vcfs("mount", "--config", str(cfg), str(store), check=False)
     assert res.returncode == 2 and "give both BACKING and MOUNTPOINT" in res.stderr
+
+
+def test_every_mount_flag_reaches_the_kernel(store: Path, tmp_path: Path) -> None:
+    """FUSE_FLAGS lists only flags libfuse 3 accepts: all of them at once must mount."""
+    require(os.path.exists("/dev/fuse"), "/dev/fuse")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    wanted = sorted(FUSE_FLAGS - {"rw", "exec"})  # the defaults do not show up as such
+    run_vcfs("mount", "-o", ",".join(wanted), str(store), str(mnt))
+    try:
+        mounts = Path("/proc/self/mounts").read_text().splitlines()
+        opts = set(next(line.split()[3] for line in mounts if line.split()[1] == str(mnt)).split(","))
+        assert set(wanted) <= opts
+        with pytest.raises(OSError) as err:
+            (mnt / "f").write_bytes(b"x")
+        assert err.value.errno == errno.EROFS
+    finally:
+        Mounted(store, mnt).umount()

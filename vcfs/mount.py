@@ -149,6 +149,7 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
     try:
         trio.run(service.run, daemon)
     finally:
+        service.block_stop_signals()  # a second SIGTERM must not cut the unmount short
         if mounted:
             pyfuse3.close(unmount=True)
         extras.close()

@@ -28,7 +28,7 @@ from vcfs.tomllines import Path as KeyPath
 
 # Mount flags passed to the kernel as they are. nodev and nosuid are always on (a recording
 # store has no use for device files or set-uid programs), so their opposites are refused.
-FUSE_FLAGS = frozenset({"ro", "rw", "noexec", "exec", "noatime", "nodiratime", "relatime", "sync", "dirsync"})
+FUSE_FLAGS = frozenset({"ro", "rw", "noexec", "exec", "noatime", "sync", "dirsync"})  # what libfuse 3 accepts
 ALWAYS_ON = frozenset({"nodev", "nosuid"})
 
 

@@ -29,6 +29,8 @@ FLAG_OPTIONS = {"allow_other": "--allow-other", "debug": "--debug"}
 # For mount(8), fstab and systemd, or always on in vcfs: accepted and dropped.
 IGNORED = {"defaults", "auto", "noauto", "nofail", "_netdev", "user", "users", "nouser", "owner", "group"}
 IGNORED |= {"default_permissions", "dev", "suid"} | set(ALWAYS_ON)  # nodev,nosuid are always on
+# atime policies libfuse does not pass on (the kernel's relatime applies) and the async default
+IGNORED |= {"atime", "relatime", "diratime", "nodiratime", "strictatime", "lazytime", "async"}
 IGNORED_PREFIXES = ("x-", "comment=", "_")
 
 
