@@ -3,7 +3,7 @@
 set -euo pipefail
 VCFS_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$VCFS_ROOT/.venv"
-APT_PACKAGES=(fuse3 libfuse3-dev softhsm2 ffmpeg pkg-config gcc python3-dev python3-venv rsync)
+APT_PACKAGES=(fuse3 libfuse3-dev softhsm2 ffmpeg pkg-config gcc python3-dev python3-venv rsync systemd)
 
 vcfs_need_root() {
   if [ "$(id -u)" -ne 0 ]; then

@@ -31,8 +31,8 @@ from pathlib import Path
 import pytest
 from conftest import Mounted, force_unmount, is_mounted, run_vcfs
 
-from vcfs.cli import _mount_key
 from vcfs.core.layout import BLOCK_SIZE
+from vcfs.runpaths import mount_key
 
 pytestmark = [pytest.mark.mount, pytest.mark.slow]
 
@@ -106,7 +106,7 @@ class Writer(threading.Thread):
 
 
 def _daemon_pid(vcfs_home: Path, mnt: Path) -> int:
-    return int((vcfs_home / "run" / f"{_mount_key(mnt)}.pid").read_text())
+    return int((vcfs_home / "run" / f"{mount_key(mnt)}.pid").read_text())
 
 
 def _kill_and_wait(pid: int) -> None:

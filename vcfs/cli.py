@@ -7,9 +7,7 @@ Expected failures arrive as VcfsError and are shown as ``vcfs: error: ...`` plus
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import logging
 import os
 import secrets
 import subprocess
@@ -18,16 +16,21 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from vcfs import __version__, auditcli, keyops
+from vcfs import __version__, auditcli, keyops, mounthelper, runpaths
 from vcfs.config import StoreConfig, save_config
+from vcfs.control import request as control_request
 from vcfs.errors import MountError, UsageError, VcfsError
 from vcfs.export import decrypt_file, export
 from vcfs.fsck import fsck
+from vcfs.guard import guard_mountpoint
 from vcfs.keys import embedded
 from vcfs.keys.setup import HostKeyOptions, init_domain
-from vcfs.mount import MountOptions, mounted_vcfs, serve
+from vcfs.logsetup import error_prefix, setup_daemon_logging
+from vcfs.mount import MountOptions, mount_source, mounted_vcfs, serve
+from vcfs.mountconfig import FUSE_FLAGS, MountConfig, load_mount_config
 from vcfs.offline import OfflineStore, find_store, open_store
-from vcfs.storelayout import tree_path
+from vcfs.statusview import render_status
+from vcfs.storelayout import lock_path, tree_path
 
 
 def _key_options(p: argparse.ArgumentParser) -> None:
@@ -57,11 +60,21 @@ def build_parser() -> argparse.ArgumentParser:
         "mount",
         help="mount a store",
         description="Mount the store BACKING at MOUNTPOINT. Returns "
-        "once the mount is live and leaves the daemon running, unless -f is given.",
+        "once the mount is live and leaves the daemon running, unless -f is given. With --config, BACKING and "
+        "MOUNTPOINT may come from the host mount config (docs/CONFIG.md); options given here override it.",
     )
-    p.add_argument("backing", type=Path, metavar="BACKING")
-    p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+    p.add_argument("backing", type=Path, metavar="BACKING", nargs="?")
+    p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT", nargs="?")
+    p.add_argument("--config", type=Path, metavar="FILE", help="host mount config (TOML), e.g. /etc/vcfs/NAME.toml")
     p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground, log to stderr")
+    p.add_argument(
+        "-o",
+        dest="fuse_options",
+        action="append",
+        default=[],
+        metavar="FLAGS",
+        help="kernel mount flags, comma-separated: " + ",".join(sorted(FUSE_FLAGS)),
+    )
     p.add_argument("--log-file", metavar="FILE", help="daemon log (default: $VCFS_HOME/logs/<mountpoint>.log)")
     p.add_argument(
         "--allow-other",
@@ -90,6 +103,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the daemon (default 120)")
+
+    p = sub.add_parser(
+        "status",
+        help="show what a running mount is doing",
+        description="Ask the daemon serving MOUNTPOINT, over its control socket (root and the mount's owner only): "
+        "mounted since, store, key domains and KEK versions in use, open files, bytes encrypted and decrypted, "
+        "authentication failures, HSM state and latency.",
+    )
+    p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+    p.add_argument("--json", action="store_true", help="print the daemon's reply as JSON")
+    p.add_argument("--socket", type=Path, metavar="PATH", help="control socket (default: found from MOUNTPOINT)")
+
+    p = sub.add_parser(
+        "guard",
+        help="make an empty mount point immutable so nothing lands in it while vcfs is down",
+        description="chattr +i on the (empty) mount point: while vcfs is not mounted, nobody, not even root, can "
+        "write plaintext into it; mounting over it still works. Refuses a mount point that holds files.",
+    )
+    p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
 
     p = sub.add_parser(
         "fsck",
@@ -174,15 +206,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run_dir() -> Path:
-    return embedded.vcfs_home() / "run"
-
-
-def _mount_key(mountpoint: Path) -> str:
-    real = os.path.realpath(mountpoint)
-    return hashlib.sha256(real.encode()).hexdigest()[:16]
-
-
 def cmd_init(args: argparse.Namespace) -> int:
     backing: Path = args.backing
     if backing.exists() and (not backing.is_dir() or any(backing.iterdir())):
@@ -207,44 +230,61 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def _daemon_log(args: argparse.Namespace) -> Path:
+def _daemon_log(args: argparse.Namespace, mountpoint: Path) -> Path:
     if args.log_file:
         return Path(args.log_file)
     logs = embedded.vcfs_home() / "logs"
     logs.mkdir(parents=True, exist_ok=True, mode=0o700)
-    name = os.path.realpath(args.mountpoint).strip("/").replace("/", "-") or "root"
+    name = os.path.realpath(mountpoint).strip("/").replace("/", "-") or "root"
     return logs / f"{name}.log"
 
 
-def cmd_mount(args: argparse.Namespace) -> int:
-    opts = MountOptions(
-        backing=args.backing.resolve(),
-        mountpoint=args.mountpoint.resolve(),
-        keys=HostKeyOptions(args.pkcs11_module, args.pin_file),
-        allow_other=args.allow_other,
-        debug=args.debug,
-        policy_file=args.policy.resolve() if args.policy else None,
-        audit_dir=args.audit_dir.resolve() if args.audit_dir else None,
+def _mount_options(args: argparse.Namespace) -> MountOptions:
+    """The host mount config (if any) with the command line's options laid over it."""
+    cfg = load_mount_config(args.config.resolve()) if args.config else MountConfig()
+    if (args.backing is None) != (args.mountpoint is None) and args.config:
+        raise UsageError("give both BACKING and MOUNTPOINT, or neither (both from --config)")
+    backing = args.backing or cfg.mount.backing
+    mountpoint = args.mountpoint or cfg.mount.mountpoint
+    if backing is None or mountpoint is None:
+        where = f"[mount] backing and mountpoint in {args.config}" if args.config else "--config FILE"
+        raise UsageError("vcfs mount needs BACKING and MOUNTPOINT", hint=f"give them on the command line or as {where}")
+    flags = set(cfg.mount.options)
+    for text in args.fuse_options:
+        for flag in filter(None, text.split(",")):
+            if flag not in FUSE_FLAGS:
+                raise UsageError(f"-o {flag}: not a mount flag vcfs passes on", hint=", ".join(sorted(FUSE_FLAGS)))
+            flags.add(flag)
+    return MountOptions(
+        backing=Path(backing).resolve(),
+        mountpoint=Path(mountpoint).resolve(),
+        keys=HostKeyOptions(args.pkcs11_module or cfg.keys.pkcs11_module, args.pin_file or cfg.keys.pin_file),
+        allow_other=cfg.mount.allow_other if args.allow_other is None else args.allow_other,
+        debug=args.debug or cfg.mount.debug,
+        fuse_options=frozenset(flags),
+        metrics=cfg.metrics,
+        control=cfg.control,
+        policy_file=args.policy.resolve() if args.policy else cfg.mount.policy,
+        audit_dir=args.audit_dir.resolve() if args.audit_dir else cfg.mount.audit_dir,
     )
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    opts = _mount_options(args)
     if args.foreground:
-        logging.basicConfig(
-            level=logging.DEBUG if args.debug else logging.INFO,
-            stream=sys.stderr,
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        )
-        run = _run_dir()
-        run.mkdir(parents=True, exist_ok=True, mode=0o700)
-        pidfile = run / f"{_mount_key(opts.mountpoint)}.pid"
+        setup_daemon_logging(opts.debug)
+        pidfile = runpaths.pid_file(opts.mountpoint)
+        pidfile.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         pidfile.write_text(f"{os.getpid()}\n")
         try:
             return serve(opts, args.ready_fd)
         finally:
             pidfile.unlink(missing_ok=True)
-    return _spawn_daemon(args)
+    return _spawn_daemon(args, opts)
 
 
-def _spawn_daemon(args: argparse.Namespace) -> int:
-    logfile = _daemon_log(args)
+def _spawn_daemon(args: argparse.Namespace, opts: MountOptions) -> int:
+    logfile = _daemon_log(args, opts.mountpoint)
     read_fd, write_fd = os.pipe()
     argv = [
         sys.executable,
@@ -254,9 +294,13 @@ def _spawn_daemon(args: argparse.Namespace) -> int:
         "-f",
         "--ready-fd",
         str(write_fd),
-        str(args.backing),
-        str(args.mountpoint),
+        str(opts.backing),
+        str(opts.mountpoint),
     ]
+    if args.config:
+        argv += ["--config", str(args.config.resolve())]
+    for text in args.fuse_options:
+        argv += ["-o", text]
     for flag, value in (
         ("--pkcs11-module", args.pkcs11_module),
         ("--pin-file", args.pin_file),
@@ -277,7 +321,7 @@ def _spawn_daemon(args: argparse.Namespace) -> int:
     with os.fdopen(read_fd, "rb") as pipe:
         reply = pipe.read().decode(errors="replace")
     if reply.startswith("ok"):
-        print(f"mounted {args.backing} at {args.mountpoint} (daemon pid {proc.pid}, log {logfile})")
+        print(f"mounted {opts.backing} at {opts.mountpoint} (daemon pid {proc.pid}, log {logfile})")
         return 0
     proc.wait(timeout=30)
     if reply.startswith("error"):
@@ -288,12 +332,27 @@ def _spawn_daemon(args: argparse.Namespace) -> int:
     raise MountError(f"the vcfs daemon exited (status {proc.returncode}) before mounting", hint=f"see {logfile}")
 
 
+def _daemon_pid(mp: Path) -> int | None:
+    """The pid of the daemon serving ``mp``: its pid file, else the store lock it holds."""
+    for path in (runpaths.pid_file(mp), _lock_of(mp)):
+        try:
+            if path is not None:
+                return int(path.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+    return None
+
+
+def _lock_of(mp: Path) -> Path | None:
+    source = mount_source(mp)
+    return lock_path(Path(source)) if source else None
+
+
 def cmd_umount(args: argparse.Namespace) -> int:
     mp: Path = args.mountpoint
     if not mounted_vcfs(mp):
         raise UsageError(f"{mp} is not a vcfs mount")
-    pidfile = _run_dir() / f"{_mount_key(mp)}.pid"
-    pid = int(pidfile.read_text()) if pidfile.exists() else None
+    pid = _daemon_pid(mp)
     res = subprocess.run(["fusermount3", "-u", str(mp)], capture_output=True, text=True)
     if res.returncode != 0:
         busy = "busy" in res.stderr.lower()
@@ -311,6 +370,30 @@ def cmd_umount(args: argparse.Namespace) -> int:
             break
         time.sleep(0.05)
     print(f"unmounted {mp}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    mp: Path = args.mountpoint
+    if args.socket is None and not mounted_vcfs(mp):
+        raise UsageError(f"{mp} is not a vcfs mount")
+    path = args.socket or next((p for p in runpaths.socket_candidates(mp) if p.exists()), None)
+    if path is None:
+        tried = ", ".join(str(p) for p in runpaths.socket_candidates(mp))
+        raise MountError(
+            f"no control socket found for {mp} (tried {tried})",
+            hint="the mount's [control] may be disabled or elsewhere; pass --socket PATH",
+        )
+    reply = control_request(path, {"op": "status"})
+    if args.json:
+        print(json.dumps(reply, indent=2))
+    else:
+        print(render_status(reply))
+    return 0
+
+
+def cmd_guard(args: argparse.Namespace) -> int:
+    print(guard_mountpoint(args.mountpoint.resolve()))
     return 0
 
 
@@ -438,10 +521,20 @@ COMMANDS = {
     "init": cmd_init,
     "mount": cmd_mount,
     "umount": cmd_umount,
+    "status": cmd_status,
+    "guard": cmd_guard,
     "fsck": cmd_fsck,
     "export": cmd_export,
     "decrypt": cmd_decrypt,
 }
+
+
+def _fail(exc: VcfsError) -> int:
+    prefix = error_prefix()  # <3> when stderr is the journal
+    print(f"{prefix}vcfs: error: {exc.message}", file=sys.stderr)
+    if exc.hint:
+        print(f"{prefix}vcfs: hint: {exc.hint}", file=sys.stderr)
+    return exc.exit_code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -449,9 +542,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except VcfsError as exc:
-        print(f"vcfs: error: {exc.message}", file=sys.stderr)
-        if exc.hint:
-            print(f"vcfs: hint: {exc.hint}", file=sys.stderr)
-        return exc.exit_code
+        return _fail(exc)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # vcfs status | head
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+
+
+def mount_helper(argv: list[str] | None = None) -> int:
+    """``mount.vcfs`` / ``mount.fuse.vcfs``: called by mount(8) as HELPER SPEC DIR [-o OPTIONS]."""
+    try:
+        args = mounthelper.mount_argv(sys.argv[1:] if argv is None else argv)
+    except VcfsError as exc:
+        return _fail(exc)
+    return 0 if args is None else main(args)

@@ -25,6 +25,7 @@ import os
 import threading
 from collections.abc import Callable
 
+from vcfs import counters
 from vcfs.core.aead import DEK_LEN, FileKeys, derive_file_keys, new_dek, new_file_id
 from vcfs.core.blocks import open_block, seal_block
 from vcfs.core.header import (
@@ -139,6 +140,7 @@ class CryptFile:
             if len(sealed) < BLOCK_OVERHEAD:
                 raise TruncatedError(f"{self.label}: block {first + i} is missing or torn", hint="run vcfs fsck")
             out.append(self._open_disk_block(first + i, sealed))
+            counters.opened(len(out[-1]))
         return out
 
     def _plain_block(self, block_no: int) -> bytes | bytearray:
@@ -296,6 +298,7 @@ class CryptFile:
         self.seals_persisted = seals
 
     def _seal(self, block_no: int, final: bool, plain: bytes | bytearray) -> bytes:
+        counters.sealed(len(plain))
         return seal_block(self._keys, self._bound, block_no, final, plain)
 
     def _flush(self, keep_tail: bool) -> None:

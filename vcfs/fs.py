@@ -25,13 +25,14 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
-from vcfs import events
+from vcfs import counters, events
 from vcfs.access import AccessGuard
 from vcfs.core.layout import cipher_to_plain_size_or_floor
 from vcfs.cryptfile import CryptFile, create_cryptfile, open_cryptfile
 from vcfs.errors import IntegrityError, KeyProviderError, VcfsError
 from vcfs.inodes import InodeTable
 from vcfs.keys.base import KeyProvider
+from vcfs.privileges import can_chown
 from vcfs.store import open_backing
 
 log = logging.getLogger("vcfs.fs")
@@ -79,8 +80,12 @@ class VcfsOperations(pyfuse3.Operations):
         self._hsm = trio.CapacityLimiter(1)
         self._io = trio.CapacityLimiter(16)
         self._keep_cache: dict[int, tuple[int, int]] = {}  # inode -> backing (mtime_ns, size)
-        self._chown = os.geteuid() == 0
-        self.stats = {"auth_failures": 0}
+        self._chown = can_chown()  # root, or the service user with CAP_CHOWN
+
+    @property
+    def open_files(self) -> int:
+        """Files open in the mount now (each counted once, however many handles share it)."""
+        return len(self._files)
 
     # ---- helpers -------------------------------------------------------------------------
 
@@ -89,7 +94,7 @@ class VcfsOperations(pyfuse3.Operations):
         try:
             return await trio.to_thread.run_sync(fn, *args, limiter=self._hsm if hsm else self._io)
         except IntegrityError as exc:
-            self.stats["auth_failures"] += 1
+            counters.add(counters.AUTH_FAILURES)
             log.error("authentication failed: %s: %s", label, exc.message)
             events.emit(events.BLOCK_AUTH_FAILED, path=label, block=getattr(exc, "block_no", None), error=exc.message)
             raise pyfuse3.FUSEError(errno.EIO) from None

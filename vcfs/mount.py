@@ -1,28 +1,32 @@
 """Daemon lifecycle: open keys, mount, serve, and on the way out flush, unmount, close.
 
 Readiness is reported through a pipe (``ready_fd``) that the backgrounding parent reads, so
-``vcfs mount`` returns 0 only once the kernel mount exists, and any failure before that is
-handed back as a one-line message instead of being lost in a log file.
+``vcfs mount`` returns 0 only once the mount answers, and any failure before that is handed
+back as a one-line message instead of being lost in a log file. What runs beside the FUSE
+loop (systemd notify, watchdog, signals, control socket, metrics) is in vcfs/service.py.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyfuse3
 import trio
 
+from vcfs import service
 from vcfs.access import AccessGuard
 from vcfs.config import config_path, load_config
 from vcfs.errors import MountError, VcfsError
 from vcfs.fs import VcfsOperations
-from vcfs.guardsetup import Reload, load_access, open_guard
+from vcfs.guardsetup import load_access, open_guard
+from vcfs.keys.metered import MeteredProvider
 from vcfs.keys.pkcs11 import Pkcs11Provider
 from vcfs.keys.setup import HostKeyOptions, open_provider, refresh_provider
+from vcfs.mountconfig import ControlSection, MetricsSection
+from vcfs.mountstate import MountState
 from vcfs.store import lock_store
 from vcfs.storelayout import tree_path
 
@@ -38,19 +42,29 @@ class MountOptions:
     debug: bool = False
     policy_file: Path | None = None  # [policy]/[audit]/[alerts] TOML, re-read on SIGHUP
     audit_dir: Path | None = None  # overrides [audit].dir
+    fuse_options: frozenset[str] = frozenset()  # kernel mount flags (mountconfig.FUSE_FLAGS)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
+    control: ControlSection = field(default_factory=ControlSection)
 
 
-def mounted_vcfs(mountpoint: Path) -> bool:
-    """True if ``mountpoint`` carries a vcfs FUSE mount (per /proc/self/mounts)."""
+def _unescape(raw: bytes) -> bytes:
+    return raw.replace(b"\\040", b" ").replace(b"\\011", b"\t").replace(b"\\012", b"\n").replace(b"\\134", b"\\")
+
+
+def mount_source(mountpoint: Path) -> str | None:
+    """The backing directory of the vcfs mount at ``mountpoint`` (per /proc/self/mounts), or None."""
     target = os.fsencode(os.path.realpath(mountpoint))
     with open("/proc/self/mounts", "rb") as f:
         for line in f:
             fields = line.split()
-            if len(fields) > 2 and fields[2] == b"fuse.vcfs":
-                where = fields[1].replace(b"\\040", b" ").replace(b"\\011", b"\t").replace(b"\\134", b"\\")
-                if where == target:
-                    return True
-    return False
+            if len(fields) > 2 and fields[2] == b"fuse.vcfs" and _unescape(fields[1]) == target:
+                return os.fsdecode(_unescape(fields[0]))
+    return None
+
+
+def mounted_vcfs(mountpoint: Path) -> bool:
+    """True if ``mountpoint`` carries a vcfs FUSE mount (per /proc/self/mounts)."""
+    return mount_source(mountpoint) is not None
 
 
 def check_mountpoint(mountpoint: Path) -> None:
@@ -95,6 +109,7 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
     """Mount and serve until unmounted or signalled; returns the exit code."""
     provider = None
     guard: AccessGuard | None = None
+    extras = None
     mounted = False
     try:
         cfg = load_config(opts.backing)
@@ -108,12 +123,14 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
         )
         ops = VcfsOperations(
             os.fsencode(tree_path(opts.backing)),
-            provider,
+            MeteredProvider(provider),
             cfg.default_domain,
             ConfigWatcher(opts.backing, provider),
             guard,
         )
-        options = set(pyfuse3.default_options)
+        state = MountState(opts.backing, opts.mountpoint, lambda: ops.open_files)
+        extras = service.open_extras(opts.mountpoint, opts.control, opts.metrics, state)  # may refuse: port taken
+        options = set(pyfuse3.default_options) | set(opts.fuse_options)
         options |= {f"fsname={opts.backing}", "subtype=vcfs"}
         allow_other = os.geteuid() == 0 if opts.allow_other is None else opts.allow_other
         if allow_other:
@@ -121,6 +138,7 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
         if opts.debug:
             options.add("debug")
         os.umask(0)
+        service.block_stop_signals()
         try:
             pyfuse3.init(ops, str(opts.mountpoint), options)
         except RuntimeError as exc:
@@ -131,6 +149,8 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
         mounted = True
     except VcfsError as exc:
         _report(ready_fd, f"error {exc.exit_code}\n{exc.message}\n{exc.hint or ''}\n")
+        if extras is not None:
+            extras.close()
         if guard is not None:
             guard.close(result="mount failed")
         if provider is not None:
@@ -138,44 +158,16 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
         raise
     log.info("mounted %s at %s (KEK %s)", opts.backing, opts.mountpoint, provider.current(cfg.default_domain))
     guard.start(backing=str(opts.backing), mountpoint=str(opts.mountpoint), policy=access.digest or None)
-    _report(ready_fd, "ok\n")
+    daemon = extras.daemon(ops, opts.backing, lambda: _report(ready_fd, "ok\n"))
+    daemon.on_hup = reload  # a bad policy file is refused and audited; the policy in force stays
     try:
-        trio.run(_main, ops, str(opts.mountpoint), reload)
+        trio.run(service.run, daemon)
     finally:
+        service.block_stop_signals()  # a second SIGTERM must not cut the unmount short
         if mounted:
             pyfuse3.close(unmount=True)
         guard.close(result="ok")  # after the kernel let go: the last sessions are recorded
+        extras.close()
         provider.close()
         log.info("unmounted %s", opts.mountpoint)
     return 0
-
-
-async def _main(ops: VcfsOperations, mountpoint: str, reload: Reload | None) -> None:
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_on_signals, mountpoint, reload)
-            await pyfuse3.main()
-            nursery.cancel_scope.cancel()
-    finally:
-        # Also after an error in the FUSE loop: whatever is still open gets sealed and synced.
-        with trio.CancelScope(shield=True):
-            await ops.close_all()
-
-
-async def _on_signals(mountpoint: str, reload: Reload | None) -> None:
-    """SIGTERM/SIGINT: pull dirty pages out of the kernel, then stop serving. SIGHUP: re-read the policy."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async for signum in signals:
-            if signum == signal.SIGHUP:
-                if reload is not None:
-                    await reload()  # a bad file is refused and audited; the current policy stays
-                else:
-                    log.info("SIGHUP: no policy file to re-read")
-                continue
-            log.info("signal %s: flushing and unmounting", signal.Signals(signum).name)
-            try:
-                await trio.to_thread.run_sync(pyfuse3.syncfs, mountpoint)
-            except OSError as exc:
-                log.error("syncfs before shutdown failed: %s", exc)
-            pyfuse3.terminate()
-            return

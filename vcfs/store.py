@@ -75,6 +75,22 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def syncfs(path: str | Path) -> None:
+    """syncfs(2) on the filesystem holding ``path``, with the GIL released.
+
+    Not ``pyfuse3.syncfs``: that one keeps the GIL through the call, so syncing the vcfs mount
+    from a worker thread deadlocks the daemon (the kernel waits for write requests that the
+    trio thread can no longer answer). ctypes drops the GIL around foreign calls.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if _libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), str(path))
+    finally:
+        os.close(fd)
+
+
 def open_backing(path: str | bytes) -> int:
     """Open a backing file for reading and, where permitted, writing."""
     try:
