@@ -24,8 +24,8 @@ import pytest
 from audit_helpers import lines, verify, wait_for
 from conftest import Mounted, force_unmount, is_mounted, require, run_vcfs
 
-from vcfs.cli import _mount_key, _run_dir
 from vcfs.core.layout import block_no_to_cipher_off
+from vcfs.runpaths import pid_file
 
 pytestmark = pytest.mark.mount
 
@@ -45,7 +45,7 @@ class Guarded(Mounted):
         run_vcfs("mount", str(self.backing), str(self.mnt), *extra)
 
     def daemon_pid(self) -> int:
-        return int((_run_dir() / f"{_mount_key(self.mnt)}.pid").read_text())
+        return int(pid_file(self.mnt).read_text())
 
     def records(self, event: str | None = None) -> list[dict[str, Any]]:
         assert self.audit is not None
