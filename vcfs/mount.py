@@ -19,10 +19,12 @@ import trio
 from vcfs.config import config_path, load_config
 from vcfs.errors import MountError, VcfsError
 from vcfs.fs import VcfsOperations
+from vcfs.journal import Journal
 from vcfs.keys.pkcs11 import Pkcs11Provider
 from vcfs.keys.setup import HostKeyOptions, open_provider, refresh_provider
 from vcfs.store import lock_store
 from vcfs.storelayout import tree_path
+from vcfs.sweep import recover_store
 
 log = logging.getLogger("vcfs.mount")
 
@@ -97,8 +99,14 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
         provider = open_provider(cfg, opts.keys)
         provider.self_test(cfg.default_domain)
         lock_store(opts.backing)  # only now: a refused mount leaves the store untouched
+        journal = Journal(opts.backing)
+        recover_store(journal, provider.unwrap)  # blocks a crash tore, before anything is served
         ops = VcfsOperations(
-            os.fsencode(tree_path(opts.backing)), provider, cfg.default_domain, ConfigWatcher(opts.backing, provider)
+            os.fsencode(tree_path(opts.backing)),
+            provider,
+            cfg.default_domain,
+            ConfigWatcher(opts.backing, provider),
+            journal,
         )
         options = set(pyfuse3.default_options)
         options |= {f"fsname={opts.backing}", "subtype=vcfs"}

@@ -14,6 +14,7 @@ from pathlib import Path
 from vcfs.config import CONFIG_NAME, StoreConfig, load_config
 from vcfs.cryptfile import CryptFile, open_cryptfile
 from vcfs.errors import ConfigError, UsageError
+from vcfs.journal import Journal
 from vcfs.keys.pkcs11 import Pkcs11Provider
 from vcfs.keys.setup import HostKeyOptions, open_provider
 from vcfs.storelayout import TREE_DIR, tree_path
@@ -29,10 +30,16 @@ class OfflineStore:
     def tree(self) -> Path:
         return tree_path(self.backing)
 
+    @property
+    def journal(self) -> Journal:
+        return Journal(self.backing)
+
     def open_file(self, path: Path, writable: bool = False, allow_damaged: bool = False) -> CryptFile:
+        """Open a backing file; blocks a crash tore come from the journal (on disk only if
+        ``writable``, which needs the store lock)."""
         fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NOFOLLOW)
         try:
-            return open_cryptfile(fd, str(path), self.provider.unwrap, allow_damaged=allow_damaged)
+            return open_cryptfile(fd, str(path), self.provider.unwrap, allow_damaged, self.journal)
         except BaseException:
             os.close(fd)
             raise
