@@ -145,6 +145,7 @@ def _load(tmp: Path, text: bytes) -> None:
 
 
 def test_seed_config_loads(tmp_path: Path) -> None:
+    (tmp_path / "files").mkdir()
     (tmp_path / CONFIG_NAME).write_text(CONFIG)
     cfg = load_config(tmp_path)
     assert cfg.default_domain == "default" and cfg.domains["default"].keks[0].version == 1
@@ -192,7 +193,9 @@ def mutated_config(draw: st.DrawFn) -> dict[str, object]:
 
 @pytest.fixture(scope="module")
 def config_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("fuzzconf")
+    path = tmp_path_factory.mktemp("fuzzconf")
+    (path / "files").mkdir()
+    return path
 
 
 @FUZZ
