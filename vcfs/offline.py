@@ -19,6 +19,7 @@ from vcfs.journal import Journal
 from vcfs.keys.pkcs11 import Pkcs11Provider
 from vcfs.keys.setup import HostKeyOptions, open_provider
 from vcfs.longpath import LongPath
+from vcfs.store import open_noatime
 from vcfs.storelayout import TREE_DIR, tree_path
 
 
@@ -39,7 +40,7 @@ class OfflineStore:
     def open_file(self, path: Path, writable: bool = False, allow_damaged: bool = False) -> CryptFile:
         """Open a backing file; blocks a crash tore come from the journal (on disk only if
         ``writable``, which needs the store lock)."""
-        fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NOFOLLOW)
+        fd = open_noatime(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NOFOLLOW)
         try:
             return open_cryptfile(fd, str(path), self.provider.unwrap, allow_damaged, self.journal)
         except BaseException:
