@@ -34,6 +34,7 @@ import os
 import threading
 from collections.abc import Callable
 
+from vcfs import events
 from vcfs.core.aead import DEK_LEN, FileKeys, derive_file_keys, new_dek, new_file_id
 from vcfs.core.blocks import open_block, seal_block
 from vcfs.core.header import (
@@ -601,6 +602,7 @@ def _recover(cf: CryptFile, journal: Journal) -> None:
                 r.block_no,
                 " and cut the unsynced bytes after it" if r.cut else "",
             )
+            events.emit(events.BLOCK_RESTORED, path=cf.label, block=r.block_no, on_disk=writable)
         if writable:
             os.fdatasync(cf.fd)  # the restored blocks are durable before their copies go
             journal.remove(cf.file_id)

@@ -32,6 +32,7 @@ KEY_ROTATE = "key.rotate"
 KEY_RETIRE = "key.retire"
 KEY_DESTROY = "key.destroy"
 BLOCK_AUTH_FAILED = "block.auth_failed"
+BLOCK_RESTORED = "block.restored"  # a block a crash tore, restored from the journal (path, block)
 
 
 @dataclass(frozen=True, slots=True)

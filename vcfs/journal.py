@@ -58,6 +58,18 @@ class Journal:
             pass
         self._dir_ready = True
 
+    def create(self, file_id: bytes) -> int:
+        """Open a fresh journal file for ``file_id`` (the directory is made if it went missing)."""
+        for attempt in (1, 2):
+            self.ensure_dir()
+            try:
+                return os.open(self.path(file_id), os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
+                self._dir_ready = False  # removed behind our back: make it again
+        raise AssertionError("unreachable")
+
     def read(self, file_id: bytes) -> list[Record]:
         """The current records for ``file_id`` (none if it has no journal file)."""
         try:
@@ -114,9 +126,7 @@ class FileJournal:
         """Append one record per (block number, sealed bytes); with ``durable``, sync them."""
         data = b"".join(Record(self.epoch, self.file_id, b, sealed, self.hint).encode() for b, sealed in blocks)
         if self._fd < 0:
-            self._journal.ensure_dir()
-            path = self._journal.path(self.file_id)
-            self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            self._fd = self._journal.create(self.file_id)
             self._created = True
         pwrite_all(self._fd, data, self._end)
         self._end += len(data)
