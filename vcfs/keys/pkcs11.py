@@ -164,7 +164,11 @@ class Pkcs11Provider:
         self._sessions: dict[str, Any] = {}
         self._keks: dict[KeyRef, tuple[Any, KekSpec]] = {}
         self._current: dict[str, int] = {}
-        self.sync(keks, current)
+        try:
+            self.sync(keks, current)
+        except BaseException:
+            self.close()  # or the token stays logged in for the rest of the process
+            raise
 
     def session_for(self, token: str) -> Any:
         """The logged-in session of ``token`` (for key management: generate, destroy)."""
