@@ -54,6 +54,8 @@ class Target:
     mnt: Path
     pid: int | None = None  # daemon, for CPU and RSS
     stop: Callable[[], object] = lambda: None
+    backing: Path | None = None  # vcfs only: its store, for the fsck workload
+    env: dict[str, str] | None = None
 
     def cpu_seconds(self) -> float:
         if self.pid is None:
@@ -87,7 +89,8 @@ def setup_targets(work: Path, names: list[str]) -> list[Target]:
         sh(PY, "-m", "vcfs", "init", str(work / "vcfs-store"), env=env)
         sh(PY, "-m", "vcfs", "mount", str(work / "vcfs-store"), str(mnt), env=env)
         targets.append(Target("vcfs", mnt, pid_of(f"vcfs mount -f .*{mnt}"),
-                              lambda mnt=mnt, env=env: sh(PY, "-m", "vcfs", "umount", str(mnt), env=env)))
+                              lambda mnt=mnt, env=env: sh(PY, "-m", "vcfs", "umount", str(mnt), env=env),
+                              work / "vcfs-store", env))
     if "vcfs-audit" in names:  # the same daemon with an access policy and an audit trail
         env = {**os.environ, "VCFS_HOME": str(work / "vcfs-home")}
         mnt = work / "vcfs-audit-mnt"
@@ -164,6 +167,24 @@ def w_rand_read(t: Target, size: int, cold: bool, count: int = 2000) -> dict[str
     finally:
         os.close(fd)
     return {"IOPS": count / wall}
+
+
+def w_fsck(t: Target) -> dict[str, float]:
+    """vcfs only: vcfs fsck of the store next to cat of the same backing files, both from a cold
+    cache in the same run (docs/RELIABILITY.md: fsck reads at close to disk speed)."""
+    if t.backing is None:
+        return {}
+    files = [str(p) for p in (t.backing / "files").rglob("*") if p.is_file()]
+    total = sum(os.path.getsize(p) for p in files) / MiB
+    drop_caches()
+    t0 = time.monotonic()
+    subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)
+    cat = time.monotonic() - t0
+    drop_caches()
+    t0 = time.monotonic()
+    sh(PY, "-m", "vcfs", "fsck", str(t.backing), env=t.env)
+    fsck = time.monotonic() - t0
+    return {"cat_MiB/s": total / cat, "fsck_MiB/s": total / fsck, "fsck_vs_cat": cat / fsck}
 
 
 def w_metadata(t: Target, n: int = 5000) -> dict[str, float]:
@@ -359,7 +380,7 @@ class Results:
             slot.setdefault(k, []).append(v)
 
 
-HIGHER_IS_BETTER = {"MiB/s", "IOPS"}
+HIGHER_IS_BETTER = {"MiB/s", "IOPS", "cat_MiB/s", "fsck_MiB/s", "fsck_vs_cat"}
 
 
 def report(res: Results, extra: dict[str, object]) -> dict[str, object]:
@@ -450,6 +471,7 @@ def main() -> int:
             ("seq_read_warm", lambda t: w_seq_read(t, size, cold=False)),
             ("rand_4k_read_cold", lambda t: w_rand_read(t, size, cold=True)),
             ("rand_4k_read_warm", lambda t: w_rand_read(t, size, cold=False)),
+            ("fsck", w_fsck),
             ("metadata_5000", w_metadata),
             ("ffmpeg_record_20s", w_ffmpeg),
         ]

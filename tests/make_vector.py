@@ -1,6 +1,10 @@
-"""Build the v1 format test vector (tests/data/vector-v1.json) from fixed inputs.
+"""Build the v1 format test vectors (tests/data/vector-v1.json, journal-v1.json) from fixed inputs.
 
 Run:  .venv/bin/python tests/make_vector.py
+
+journal-v1.json is a crash: the vector's file was growing, the rewrite of its last block was
+cut after two pages, and its journal holds the block's synced version; recovery (FORMAT.md,
+"Recovery") gives back exactly vector-v1's backing file.
 
 The backing file is produced by vcfs's own codec (vcfs.core.*) from fixed inputs, so it is
 byte-for-byte reproducible. docs/FORMAT.md ("Worked example") walks through it, and
@@ -36,6 +40,7 @@ from vcfs.core.aead import (  # noqa: E402
 )
 from vcfs.core.blocks import block_aad, seal_block  # noqa: E402
 from vcfs.core.header import WRAP_PKCS11_AES_KWP, KeySlot, new_header  # noqa: E402
+from vcfs.core.journal import Record  # noqa: E402
 from vcfs.core.layout import (  # noqa: E402
     BLOCK_SIZE,
     block_count,
@@ -45,6 +50,7 @@ from vcfs.core.layout import (  # noqa: E402
 )
 
 OUT = ROOT / "tests" / "data" / "vector-v1.json"
+JOURNAL_OUT = ROOT / "tests" / "data" / "journal-v1.json"
 
 KEK = bytes(range(32))
 DEK = bytes(range(0x40, 0x60))
@@ -58,6 +64,7 @@ NONCES = [b"\x01" * 12, b"\x02" * 12]
 
 
 def plaintext(n: int = PLAIN_LEN) -> bytes:
+    """byte i = (i * 7) % 251; the first n bytes of the same sequence for every length."""
     return bytes(i * 7 % 251 for i in range(n))
 
 
@@ -159,12 +166,76 @@ def build(
     }
 
 
+GROWN_LEN = 140_000  # the file grew from 70,000 to this many bytes when the crash hit
+TORN_AT = 8192  # bytes of the new block 1 that reached the file: two pages, then kill -9
+JOURNAL_NONCES = [b"\x03" * 12, b"\x04" * 12, b"\x05" * 12]  # new block 1, new block 2, the stale record's block
+
+
+def build_journal() -> dict[str, Any]:
+    """The crash vector; pure function of the fixed inputs."""
+    base = build()
+    synced = bytes.fromhex(base["expected"]["backing"])
+    keys = derive_file_keys(DEK, FILE_ID)
+    bound = bytes.fromhex(base["intermediate"]["aad_prefix"])
+    grown = plaintext(GROWN_LEN)
+    new1 = seal_block(keys, bound, 1, False, grown[BLOCK_SIZE : 2 * BLOCK_SIZE], nonce=JOURNAL_NONCES[0])
+    torn = synced[: block_no_to_cipher_off(1)] + new1[:TORN_AT]
+    old1 = synced[block_no_to_cipher_off(1) :]
+    block0 = synced[block_no_to_cipher_off(0) : block_no_to_cipher_off(1)]
+    stale1 = seal_block(keys, bound, 1, True, b"an older, obsolete version", nonce=JOURNAL_NONCES[2])
+    records = [
+        Record(2, FILE_ID, 1, old1, b"rec.bin"),  # current: the synced block 1 (applied)
+        Record(2, FILE_ID, 0, block0, b"rec.bin"),  # current, but block 0 is intact (not applied)
+        Record(1, FILE_ID, 1, stale1, b"rec.bin"),  # older epoch after the current ones (ignored)
+    ]
+    encoded = [r.encode() for r in records]
+    journal = b"".join(encoded)
+    offsets = [sum(len(e) for e in encoded[:i]) for i in range(len(encoded))]
+    return {
+        "description": (
+            "vcfs journal (crash recovery) vector, built by tests/make_vector.py; see docs/FORMAT.md, "
+            "'Recovery'. Same keys, file id and plaintext rule as vector-v1.json. All byte strings are hex."
+        ),
+        "inputs": {
+            "synced_plaintext_len": len(plaintext()),
+            "grown_plaintext_len": GROWN_LEN,
+            "torn_at": TORN_AT,
+            "new_block1_nonce": JOURNAL_NONCES[0].hex(),
+            "stale_nonce": JOURNAL_NONCES[2].hex(),
+        },
+        "torn_backing": torn.hex(),
+        "torn_backing_size": len(torn),
+        "journal_name": FILE_ID.hex(),
+        "journal": journal.hex(),
+        "records": [
+            {
+                "offset": off,
+                "epoch": r.epoch,
+                "block_no": r.block_no,
+                "sealed_len": len(r.sealed),
+                "hint": r.hint.decode(),
+                "head": enc[:48].hex(),
+                "applied": i == 0,
+            }
+            for i, (off, r, enc) in enumerate(zip(offsets, records, encoded, strict=True))
+        ],
+        "expected": {
+            "recovered_size": len(synced),
+            "recovered_sha256": hashlib.sha256(synced).hexdigest(),
+            "plaintext_sha256": base["inputs"]["plaintext_sha256"],
+        },
+    }
+
+
 def main() -> None:
     vector = build()
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(vector, indent=1) + "\n")
     exp = vector["expected"]
     print(f"wrote {OUT.relative_to(ROOT)}: backing file {exp['backing_size']} bytes, sha256 {exp['backing_sha256']}")
+    crash = build_journal()
+    JOURNAL_OUT.write_text(json.dumps(crash, indent=1) + "\n")
+    print(f"wrote {JOURNAL_OUT.relative_to(ROOT)}: torn file {crash['torn_backing_size']} bytes, journal of 3 records")
 
 
 if __name__ == "__main__":

@@ -6,11 +6,13 @@ at a seeded random moment, over and over. The test process records, per file, th
 of the last fsync that *returned* (``durable``) and every range written since (``pending``).
 After each kill: lazy-unmount the dead mount, remount, and check
 
-- every file opens, the untouched control files read back exactly;
-- every block that no pending write touched reads back exactly its fsynced bytes;
-- a block that a pending write touched may fail with EIO only if the kill tore an in-place
-  rewrite of it (a documented limit); then fsck reports it, and if it is the file's last
-  block, ``vcfs fsck --repair`` cuts it and the file reads cleanly again.
+- every file opens, the untouched control files read back exactly, the journal is empty
+  (the mount applied it before serving);
+- no block that holds an fsynced byte fails, and every fsynced byte that no later write
+  touched reads back exactly; the file is at least as long as it was at the last fsync;
+- only the file's last block may fail (a write of unsynced bytes that the kill cut short);
+  then a live fsck reports it as a ``tail``, and ``vcfs fsck --repair`` cuts it so the file
+  reads cleanly again with all its fsynced bytes.
 
 VCFS_CRASH_KILLS and VCFS_CRASH_SEED override the number of kills (default 50) and the seed.
 """
@@ -147,34 +149,20 @@ def _fsck(backing: Path, *extra: str) -> tuple[int, dict[str, object]]:
     return res.returncode, json.loads(res.stdout)
 
 
-def _exposed(m: Model) -> set[int]:
-    """Blocks a crash may leave failing: those written since the last fsync, plus the fsynced last block.
-
-    Both are rewritten in place (a partial last block grows; a full last block is resealed inner
-    once the file grows past it), and an in-place write cut short by SIGKILL (or power loss)
-    leaves a block that authenticates as neither version: docs/RELIABILITY.md, "Limits".
-    """
-    blocks = {b for s, e in m.pending for b in range(s // BLOCK_SIZE, -(-e // BLOCK_SIZE))}
-    if m.pending:
-        blocks.add(max(len(m.durable) - 1, 0) // BLOCK_SIZE)
-    return blocks
-
-
 def _check_file(name: str, m: Model, data: bytes, bad: list[int], size: int) -> None:
-    """Assert the crash promises for one file."""
-    exposed = _exposed(m)
+    """Assert the crash promises for one file (strict: no fsynced byte may be lost)."""
+    nblocks = -(-size // BLOCK_SIZE)
     for b in bad:
-        assert b in exposed, f"{name}: block {b} fails although no write since the last fsync touched it"
-    if not bad or bad[-1] != -(-size // BLOCK_SIZE) - 1:
-        # Nothing fsynced was cut off; no byte beyond what the writer wrote appeared.
-        assert size >= len(m.durable), f"{name}: {size} bytes after the crash, {len(m.durable)} were fsynced"
+        assert b * BLOCK_SIZE >= len(m.durable), f"{name}: block {b} holds fsynced bytes and fails"
+        assert b == nblocks - 1, f"{name}: block {b} of {nblocks} fails inside the file"
+    assert size >= len(m.durable), f"{name}: {size} bytes after the crash, {len(m.durable)} were fsynced"
     assert size <= max(len(m.content), len(m.durable)), f"{name}: grew to {size}, only {len(m.content)} written"
-    limit = min(len(m.durable), size)
-    for b in range(-(-limit // BLOCK_SIZE)):
-        if b in exposed:
-            continue  # old or new bytes (authentic either way), or EIO if torn
-        lo, hi = b * BLOCK_SIZE, min((b + 1) * BLOCK_SIZE, limit)
-        assert data[lo:hi] == m.durable[lo:hi], f"{name}: fsynced bytes of block {b} differ after the crash"
+    # Bytes a write since the last fsync touched may hold the old or a new value (both authentic).
+    expect = bytearray(m.durable)
+    got = bytearray(data[: len(m.durable)])
+    for s, e in m.pending:
+        got[s:e] = expect[s:e]
+    assert got == expect, f"{name}: fsynced bytes differ after the crash"
 
 
 def test_kill_9_during_concurrent_writes_keeps_fsynced_data(mounted: Mounted, vcfs_home: Path, tmp_path: Path) -> None:
@@ -189,7 +177,9 @@ def test_kill_9_during_concurrent_writes_keeps_fsynced_data(mounted: Mounted, vc
         (mnt / name).touch()
     segments = 0
     events: list[str] = []
-    stats = {"kills": 0, "fsyncs": 0, "torn_tail": 0, "torn_inner": 0, "lost_creates": 0}
+    stats = {"kills": 0, "fsyncs": 0, "torn_tail": 0, "lost_creates": 0, "restored": 0}
+    journal = mounted.backing / "journal"
+    log = vcfs_home / "logs" / (os.path.realpath(mnt).strip("/").replace("/", "-") + ".log")
     for it in range(KILLS):
         # A recorder-like segment file: created inside the crash window, like a new recording.
         seg = f"seg-{segments}.bin"
@@ -213,6 +203,7 @@ def test_kill_9_during_concurrent_writes_keeps_fsynced_data(mounted: Mounted, vc
 
         for name, data in CONTROL.items():
             assert (mnt / name).read_bytes() == data, f"iteration {it}: untouched {name} changed"
+        assert not journal.exists() or not any(journal.iterdir()), f"iteration {it}: journal left after mount"
         repair = []
         for name, m in list(models.items()):
             path = mnt / name
@@ -228,16 +219,9 @@ def test_kill_9_during_concurrent_writes_keeps_fsynced_data(mounted: Mounted, vc
             data, bad, size = _read_blocks(path)  # every created file opens
             _check_file(f"iteration {it}: {name}", m, data, bad, size)
             if bad:
-                nblocks = -(-size // BLOCK_SIZE)
-                inner = [b for b in bad if b != nblocks - 1]
-                stats["torn_inner" if inner else "torn_tail"] += 1
-                rewritten = sorted(
-                    b
-                    for b in bad
-                    if any(s < min(len(m.durable), (b + 1) * BLOCK_SIZE) and e > b * BLOCK_SIZE for s, e in m.pending)
-                )
-                events.append(f"iteration {it}: {name} blocks {bad} of {nblocks} fail; rewritten in place: {rewritten}")
-                repair.append((name, inner, bad[0] * BLOCK_SIZE))
+                stats["torn_tail"] += 1
+                events.append(f"iteration {it}: {name} last block {bad} fails ({len(m.durable)} bytes fsynced)")
+                repair.append((name, len(m.durable)))
             models[name] = Model(bytearray(data), data)
         if repair:
             # A live fsck sees the damage; repair needs the store unmounted.
@@ -245,24 +229,19 @@ def test_kill_9_during_concurrent_writes_keeps_fsynced_data(mounted: Mounted, vc
             assert code == 2, report
             problems = report["problems"]
             assert isinstance(problems, list)
-            for name, inner, _ in repair:
+            for name, _ in repair:
                 kinds = {p["kind"] for p in problems if p["path"] == name}
-                assert kinds == ({"block"} if inner else {"tail"}), (name, problems)
+                assert kinds == {"tail"}, (name, problems)
             mounted.umount()
             code, report = _fsck(mounted.backing, "--repair")
+            assert code == 1, report
             mounted.mount()
-            for name, inner, good in repair:
-                if inner:  # damage inside a file is never "repaired" by dropping data: start over
-                    (mnt / name).unlink()
-                    (mnt / name).touch()
-                    models[name] = Model()
-                else:
-                    assert code in (1, 2), report
-                    data, bad, size = _read_blocks(mnt / name)
-                    assert not bad, f"{name} still damaged after fsck --repair"
-                    # Cut after the last authentic block (an authentic inner-sealed end is kept).
-                    assert size >= good and data[:good] == models[name].durable[:good]
-                    models[name] = Model(bytearray(data), data)
+            for name, durable in repair:
+                data, bad, size = _read_blocks(mnt / name)
+                assert not bad, f"{name} still damaged after fsck --repair"
+                # Cut after the last authentic block (an authentic inner-sealed end is kept).
+                assert size >= durable and data[:durable] == models[name].durable[:durable]
+                models[name] = Model(bytearray(data), data)
         # Keep the store small: old segments have been checked once.
         for name in [n for n in models if n.startswith("seg-")][:-3]:
             (mnt / name).unlink()
@@ -271,5 +250,6 @@ def test_kill_9_during_concurrent_writes_keeps_fsynced_data(mounted: Mounted, vc
     mounted.umount()
     code, report = _fsck(mounted.backing)
     assert code == 0, report
+    stats["restored"] = log.read_text().count("restored its last synced version")
     print(f"\ncrash test (seed {SEED}): {stats} {events}")
     assert stats["kills"] >= KILLS and stats["fsyncs"] > KILLS  # the workload really synced

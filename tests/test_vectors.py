@@ -1,7 +1,8 @@
 """The v1 format contract (docs/FORMAT.md) checked against a fixed test vector.
 
 (a) An independent decryptor, written from docs/FORMAT.md with `cryptography` primitives and
-    struct only (it imports nothing from vcfs), decrypts tests/data/vector-v1.json.
+    struct only (it imports nothing from vcfs), decrypts tests/data/vector-v1.json, and with
+    its journal reader recovers the crash in tests/data/journal-v1.json.
 (b) vcfs's codec reproduces the vector byte for byte from the same inputs (known answer).
 (c) Tampered copies of the vector are refused with the named vcfs error, by a reader built
     from vcfs.core functions, by vcfs's CryptFile, and by the independent decryptor: none of
@@ -32,6 +33,7 @@ from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap
 
 VECTOR_PATH = Path(__file__).parent / "data" / "vector-v1.json"
 VECTOR = json.loads(VECTOR_PATH.read_text())
+JOURNAL_VECTOR = json.loads((Path(__file__).parent / "data" / "journal-v1.json").read_text())
 INPUTS = VECTOR["inputs"]
 MID = VECTOR["intermediate"]
 KEK = bytes.fromhex(INPUTS["kek"])
@@ -99,8 +101,8 @@ class IndResult:
     wrapped: bytes
 
 
-def ind_decrypt(data: bytes, keks: dict[tuple[str, int], bytes]) -> IndResult:
-    """Decrypt a v1 backing file. ``keks`` maps (domain, KEK version) to the AES-256 KEK."""
+def ind_unlock(data: bytes, keks: dict[tuple[str, int], bytes]) -> tuple[int, bytes, bytes, bytes, bytes]:
+    """Check the preamble and find the DEK: (slot index, content key, MAC key, commitment, wrapped DEK)."""
     if len(data) < IND_HEADER_LEN:
         raise Refused("format", "shorter than the header")
     pre = data[:64]
@@ -154,14 +156,20 @@ def ind_decrypt(data: bytes, keks: dict[tuple[str, int], bytes]) -> IndResult:
         if not hmac.compare_digest(ind_hmac(mac_key, pre + raw[:IND_SLOT_BODY_LEN]), raw[IND_SLOT_BODY_LEN:]):
             errors.append(Refused("header-auth", "slot MAC"))
             continue
-        chosen = index
-        break
-    else:
-        raise errors[0]
+        return index, content_key, mac_key, expect_commitment, wrapped
+    raise errors[0]
 
+
+def ind_decrypt(data: bytes, keks: dict[tuple[str, int], bytes], end_block: int | None = None) -> IndResult:
+    """Decrypt a v1 backing file. ``keks`` maps (domain, KEK version) to the AES-256 KEK.
+
+    ``end_block``: a block that journal recovery made the file's end (FORMAT.md, "Recovery"),
+    accepted there even if it was sealed inner.
+    """
+    chosen, content_key, mac_key, expect_commitment, wrapped = ind_unlock(data, keks)
     size, nblocks = ind_plain_size(len(data))
     aead = AESGCM(content_key)
-    bound = pre[:28]
+    bound = data[:28]
 
     def try_open(b: int, final: bool, sealed: bytes) -> bytes | None:
         try:
@@ -175,6 +183,8 @@ def ind_decrypt(data: bytes, keks: dict[tuple[str, int], bytes]) -> IndResult:
         sealed = data[off : off + IND_STRIDE]
         if b == nblocks - 1:
             plain = try_open(b, True, sealed)
+            if plain is None and end_block == b:
+                plain = try_open(b, False, sealed)
             if plain is None:
                 if try_open(b, False, sealed) is not None:
                     raise Refused("truncated", f"block {b} ends the file but was sealed inner")
@@ -192,6 +202,79 @@ def ind_decrypt(data: bytes, keks: dict[tuple[str, int], bytes]) -> IndResult:
 
 
 IND_KEKS = {(INPUTS["domain"], INPUTS["kek_version"]): KEK}
+
+IND_JOURNAL_HEAD = struct.Struct(">4sHBBQ16sQIH2s")  # 48 bytes
+
+
+def ind_journal_records(journal: bytes, file_id: bytes) -> list[tuple[int, bytes]]:
+    """(block number, sealed bytes) of the journal's current records for ``file_id``, in file order.
+
+    FORMAT.md "Journal": records start at offset 0; parsing stops at the first one that does not
+    parse or whose epoch differs from the first record's.
+    """
+    out: list[tuple[int, bytes]] = []
+    pos, epoch = 0, None
+    while pos + IND_JOURNAL_HEAD.size <= len(journal):
+        magic, version, kind, res1, ep, fid, block_no, slen, hlen, res2 = IND_JOURNAL_HEAD.unpack_from(journal, pos)
+        if (magic, version, kind, res1, res2) != (b"VJNL", 1, 1, 0, b"\0\0") or not 28 <= slen <= IND_STRIDE:
+            break
+        if hlen > 4096 or (epoch is not None and ep != epoch):
+            break
+        end = pos + IND_JOURNAL_HEAD.size + hlen + slen
+        if end > len(journal):
+            break
+        epoch = ep
+        if fid == file_id:
+            out.append((block_no, journal[end - slen : end]))
+        pos = end
+    return out
+
+
+def ind_whole_blocks(size: int) -> int:
+    """Blocks a reader counts in a backing file of ``size`` bytes (only whole ones if the size is invalid)."""
+    try:
+        return ind_plain_size(size)[1]
+    except Refused:
+        return max(size - IND_HEADER_LEN, 0) // IND_STRIDE
+
+
+def ind_recover(data: bytes, journal: bytes, keks: dict[tuple[str, int], bytes]) -> tuple[bytes, int | None]:
+    """FORMAT.md "Recovery", in memory: (the backing file as recovered, the block it now ends with if
+    that block has to be taken as final although sealed inner, else None)."""
+    _index, content_key, _mac, _commitment, _wrapped = ind_unlock(data, keks)
+    aead, bound, file_id = AESGCM(content_key), data[:28], data[12:28]
+
+    def sealed_final(b: int, sealed: bytes) -> bool | None:
+        for final in (True, False):
+            try:
+                aead.decrypt(sealed[:12], sealed[12:], bound + struct.pack(">QB", b, 1 if final else 0))
+                return final
+            except InvalidTag:
+                continue
+        return None
+
+    records = ind_journal_records(journal, file_id)
+    out = bytearray(data)
+    for b in sorted({b for b, _ in records}):
+        start = IND_HEADER_LEN + b * IND_STRIDE
+        if start >= len(out):
+            continue
+        n = ind_whole_blocks(len(out))
+        now = sealed_final(b, bytes(out[start : start + IND_STRIDE])) if b < n else None
+        if now is True or (now is False and b < n - 1):
+            continue  # block b reads: the journal is not needed for it
+        for cand in reversed([sealed for bb, sealed in records if bb == b]):
+            final = sealed_final(b, cand)
+            if final is not None:
+                break
+        else:
+            continue
+        ends = len(cand) < IND_STRIDE or b >= n - 1
+        out[start : start + len(cand)] = cand
+        if ends:
+            del out[start + len(cand) :]
+            return bytes(out), None if final else b
+    return bytes(out), None
 
 
 def test_independent_decryptor_reads_the_vector() -> None:
@@ -222,6 +305,31 @@ def test_independent_view_of_the_worked_example() -> None:
         aad = BACKING[:28] + struct.pack(">QB", blk["block_no"], blk["final"])
         assert aad.hex() == blk["aad"]
     assert [ind_plain_size(len(BACKING))] == [(70000, 2)]
+
+
+def test_independent_recovery_of_the_journal_vector() -> None:
+    """A crash tore the rewrite of block 1; the journal holds its synced version."""
+    torn, journal = bytes.fromhex(JOURNAL_VECTOR["torn_backing"]), bytes.fromhex(JOURNAL_VECTOR["journal"])
+    with pytest.raises(Refused):
+        ind_decrypt(torn, IND_KEKS)  # without the journal the file is damaged
+    assert [b for b, _ in ind_journal_records(journal, FILE_ID)] == [1, 0]  # the epoch-1 record is not current
+    recovered, end_block = ind_recover(torn, journal, IND_KEKS)
+    assert end_block is None
+    assert hashlib.sha256(recovered).hexdigest() == JOURNAL_VECTOR["expected"]["recovered_sha256"]
+    assert recovered == BACKING
+    assert ind_decrypt(recovered, IND_KEKS).plaintext == PLAIN
+    assert ind_recover(BACKING, journal, IND_KEKS) == (BACKING, None)  # an intact file is left alone
+
+
+def test_independent_recovery_reseals_nothing_and_accepts_an_inner_end() -> None:
+    """A journal copy sealed inner that ends the file (a truncate made it the last block) is
+    taken as the end by a reader recovering in memory."""
+    two_inner = BACKING[: IND_HEADER_LEN + IND_STRIDE]  # block 0 alone: sealed inner
+    journal_rec = IND_JOURNAL_HEAD.pack(b"VJNL", 1, 1, 0, 1, FILE_ID, 0, IND_STRIDE, 0, b"\0\0") + two_inner[4096:]
+    torn = two_inner[:IND_HEADER_LEN] + b"\x00" * 5000  # block 0 rewritten, torn
+    recovered, end_block = ind_recover(torn, journal_rec, IND_KEKS)
+    assert end_block == 0 and recovered == two_inner
+    assert ind_decrypt(recovered, IND_KEKS, end_block=end_block).plaintext == PLAIN[:IND_BLOCK]
 
 
 @pytest.mark.parametrize(
@@ -711,3 +819,56 @@ def test_unknown_version_message() -> None:
         parse_preamble(bytes(data))
     with pytest.raises(FormatError, match="not a vcfs file"):
         parse_preamble(b"XXXX" + BACKING[4:64])
+
+
+# ---- the journal vector through vcfs ---------------------------------------------------------
+
+from vcfs.core.journal import Record, parse_records  # noqa: E402
+from vcfs.journal import Journal  # noqa: E402
+
+
+def test_journal_vector_is_what_make_vector_builds() -> None:
+    import make_vector
+
+    assert make_vector.build_journal() == JOURNAL_VECTOR
+
+
+def test_vcfs_journal_codec_matches_the_vector() -> None:
+    journal = bytes.fromhex(JOURNAL_VECTOR["journal"])
+    records = parse_records(journal)
+    assert [(r.epoch, r.block_no, len(r.sealed), r.hint) for r in records] == [
+        (2, 1, 4492, b"rec.bin"),
+        (2, 0, 65564, b"rec.bin"),
+    ]
+    assert b"".join(r.encode() for r in records) == journal[: JOURNAL_VECTOR["records"][2]["offset"]]
+    for meta, rec in zip(JOURNAL_VECTOR["records"], records, strict=False):
+        assert rec.encode()[:48].hex() == meta["head"]
+    assert (
+        Record(2, FILE_ID, 1, records[0].sealed, b"rec.bin").encode()
+        == journal[: JOURNAL_VECTOR["records"][1]["offset"]]
+    )
+
+
+def _crashed_store(tmp_path: Path) -> tuple[Path, Path]:
+    store = tmp_path / "store"
+    (store / "files").mkdir(parents=True)
+    (store / "journal").mkdir()
+    path = store / "files" / "rec.bin"
+    path.write_bytes(bytes.fromhex(JOURNAL_VECTOR["torn_backing"]))
+    (store / "journal" / JOURNAL_VECTOR["journal_name"]).write_bytes(bytes.fromhex(JOURNAL_VECTOR["journal"]))
+    return store, path
+
+
+def test_vcfs_recovers_the_journal_vector_in_memory_and_on_disk(tmp_path: Path) -> None:
+    store, path = _crashed_store(tmp_path)
+    cf = open_cryptfile(os.open(path, os.O_RDONLY), str(path), provider_unwrap, journal=Journal(store))
+    try:  # read-only: restored in memory, nothing written
+        assert [r.block_no for r in cf.restored] == [1]
+        assert cf.read(0, cf.size + 1) == PLAIN
+    finally:
+        cf.close()
+    assert path.read_bytes() == bytes.fromhex(JOURNAL_VECTOR["torn_backing"])
+    cf = open_cryptfile(os.open(path, os.O_RDWR), str(path), provider_unwrap, journal=Journal(store))
+    cf.close()  # the store's writer: restored on disk, journal gone
+    assert path.read_bytes() == BACKING
+    assert not (store / "journal" / JOURNAL_VECTOR["journal_name"]).exists()

@@ -438,6 +438,9 @@ def cmd_fsck(args: argparse.Namespace) -> int:
             f"{report.files} files, {report.blocks} blocks, {report.bytes} bytes checked; "
             f"{len(report.problems)} problems, {sum(p.repaired for p in report.problems)} repaired"
         )
+        if report.orphan_journals:
+            done = "removed" if args.repair else "left (fsck --repair removes them)"
+            print(f"{report.orphan_journals} journals of files that no longer exist {done}")
     return report.exit_code
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -21,10 +22,13 @@ import tomli_w
 from vcfs.errors import ConfigError, UsageError
 from vcfs.keys.base import KEK_STATES
 from vcfs.keys.uri import Pkcs11Uri, parse_pkcs11_uri
+from vcfs.storelayout import TREE_DIR, tree_path
 
 CONFIG_NAME = "vcfs.conf"
+CONFIG_MAX_BYTES = 4 << 20  # a real config is a few KiB; refuse what could exhaust memory
 STORE_FORMAT = 1
 KNOWN_FEATURES = {"encrypted_names"}
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 DOMAIN_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 
 
@@ -118,18 +122,60 @@ def _want(table: dict[str, Any], key: str, kind: type, where: str) -> Any:
     return value
 
 
-def load_config(backing: Path) -> StoreConfig:
+def _read_config_text(backing: Path) -> str:
+    """The config's text; a hostile one (a FIFO, a device, a huge file, a loop) fails cleanly."""
     path = config_path(backing)
     if not backing.is_dir():
-        raise ConfigError(f"backing directory {backing} does not exist")
+        what = "is not a directory" if backing.exists() else "does not exist"
+        raise ConfigError(f"backing directory {backing} {what}")
     try:
-        raw = tomllib.loads(path.read_text())
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused below anyway.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise ConfigError(
             f"{backing} is not a vcfs store (no {CONFIG_NAME})", hint=f"create one with: vcfs init {backing}"
         ) from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+    except OSError as exc:
+        raise ConfigError(f"cannot read store config {path}: {exc.strerror}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise ConfigError(f"store config {path} is not a regular file")
+    with os.fdopen(fd, "rb") as f:
+        if st.st_size > CONFIG_MAX_BYTES:
+            raise ConfigError(f"store config {path} is {st.st_size} bytes, more than a config can be")
+        try:
+            data = f.read(CONFIG_MAX_BYTES + 1)
+        except OSError as exc:
+            raise ConfigError(f"cannot read store config {path}: {exc.strerror}") from None
+    try:
+        return data.decode()
+    except UnicodeDecodeError as exc:
         raise ConfigError(f"store config {path} is corrupt: {exc}") from None
+
+
+def _timestamp(value: object, where: str) -> str:
+    """An RFC 3339 UTC time as vcfs writes it (utc_now), or empty."""
+    if value == "":
+        return ""
+    if isinstance(value, str):
+        try:
+            datetime.strptime(value, TIME_FORMAT)
+            return value
+        except ValueError:
+            pass
+    raise ConfigError(f"store config: {where} must be a time like 2026-01-31T12:00:00Z")
+
+
+def load_config(backing: Path) -> StoreConfig:
+    path = config_path(backing)
+    text = _read_config_text(backing)
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"store config {path} is corrupt: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"store config {path} is corrupt: nested too deeply") from None
     fmt = _want(raw, "format", int, "")
     if fmt != STORE_FORMAT:
         raise ConfigError(f"store format {fmt} is not supported (this vcfs reads {STORE_FORMAT})")
@@ -158,24 +204,27 @@ def load_config(backing: Path) -> StoreConfig:
             except (ValueError, TypeError):
                 raise ConfigError(f"store config: {where}kek check values must be hex strings") from None
             state = k.get("state", "active")
-            if state not in KEK_STATES:
+            mechanism = _want(k, "mechanism", int, where + "kek.")
+            if not 0 <= mechanism <= 0xFFFFFFFF:
+                raise ConfigError(f"store config: {where}kek.mechanism {mechanism} is not a PKCS#11 mechanism code")
+            if not isinstance(state, str) or state not in KEK_STATES:
                 raise ConfigError(f"store config: {where}kek.state must be one of {', '.join(KEK_STATES)}")
             entries.append(
                 KekEntry(
                     _want(k, "version", int, where + "kek."),
                     uri,
-                    _want(k, "mechanism", int, where + "kek."),
+                    mechanism,
                     check_wrapped,
                     check_value,
                     state,
-                    str(k.get("created", "")),
-                    str(k.get("changed", "")),
+                    _timestamp(k.get("created", ""), where + "kek.created"),
+                    _timestamp(k.get("changed", ""), where + "kek.changed"),
                 )
             )
         cfg_domain = DomainConfig(
             name,
             _want(d, "module", str, where),
-            bool(d.get("embedded", False)),
+            _want(d, "embedded", bool, where) if "embedded" in d else False,
             _want(d, "current", int, where),
             entries,
         )
@@ -185,8 +234,10 @@ def load_config(backing: Path) -> StoreConfig:
     default = _want(keys, "default_domain", str, "keys.")
     if default not in domains:
         raise ConfigError(f"store config: default domain {default!r} is not defined")
+    if not tree_path(backing).is_dir():
+        raise ConfigError(f"store {backing} has no {TREE_DIR}/ directory: it is damaged or only partly copied")
     return StoreConfig(_want(raw, "store_id", str, ""), domains, default, dict(features), fmt)
 
 
 def utc_now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).strftime(TIME_FORMAT)

@@ -15,17 +15,26 @@ final; only then is the old final block resealed as an inner block. A crash in b
 leaves two final-sealed blocks, which readers accept (an inner position may hold a
 final-sealed block); a crash earlier leaves a tail that fails authentication, which fsck
 repairs. The header is touched only to reserve seal counts (two alternating slots).
+
+In-place rewrites: before a block that an fsync may have made durable is overwritten, its
+sealed bytes are copied to the file's journal and synced (``_preserve``), so a write torn by
+kill -9 or a power loss never costs fsynced bytes: recovery restores the copy
+(vcfs/recovery.py). ``_unsynced`` holds the blocks written since the last fsync began; they
+promise nothing yet and are overwritten without a copy. So an appending recorder pays one
+journal sync per fsync interval (for its partial last block), and a file that is never
+fsynced pays nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import threading
 from collections.abc import Callable
 
-from vcfs import counters
+from vcfs import counters, events
 from vcfs.core.aead import DEK_LEN, FileKeys, derive_file_keys, new_dek, new_file_id
 from vcfs.core.blocks import open_block, seal_block
 from vcfs.core.header import (
@@ -55,7 +64,9 @@ from vcfs.errors import (
     TruncatedError,
     UnterminatedError,
 )
+from vcfs.journal import FileJournal, Journal
 from vcfs.keys.base import KeyRef, Wrapped
+from vcfs.recovery import Restored, restore_from_journal
 from vcfs.store import fsync_dir, pread_exact, pwrite_all, pwritev_all, reserve_space
 
 # NIST SP 800-38D: at most 2^32 random 96-bit nonces per key. vcfs stops at half of that.
@@ -64,6 +75,7 @@ SEAL_RESERVE_STEP = 1 << 16  # seals reserved in the header at a time (4 GiB of 
 MAX_DIRTY_BLOCKS = 16  # plaintext held per open file before sealing (1 MiB)
 
 Unwrap = Callable[[Wrapped], bytes]
+log = logging.getLogger("vcfs.cryptfile")
 
 
 class CryptFile:
@@ -78,7 +90,23 @@ class CryptFile:
         self._keys = keys
         self._slot = slot
         self._slot_index = slot_index
-        self.disk_size = os.fstat(fd).st_size
+        self._load_disk_state()
+        self.dirty: dict[int, bytearray] = {}
+        self.final_cache: tuple[int, bytes] | None = None
+        self.journal: FileJournal | None = None  # set for writers: where _preserve copies blocks
+        self._unsynced: set[int] = set()  # on-disk blocks written since the last fsync began
+        self._journaled: set[int] = set()  # blocks copied to the journal since the last fsync began
+        self._slot_durable = False  # the active slot is known to be on disk (synced since written)
+        self.patched: dict[int, bytes] = {}  # read-only opens: plaintext recovered from the journal
+        self.restored: list[Restored] = []  # what recovery restored at open (for fsck and logs)
+        self.seals_used = slot.seals  # conservative: the persisted value is an upper bound
+        self.seals_reserved = slot.seals
+        self.seals_persisted = slot.seals
+        self.changed = False  # written since open: callers drop cached pages of other opens
+
+    def _load_disk_state(self) -> None:
+        """Size and block count as the backing file's length implies them."""
+        self.disk_size = os.fstat(self.fd).st_size
         self.disk_last_final = True  # what the on-disk last block must authenticate as
         self.torn_tail = False  # bytes after the last whole block that cannot be a block
         try:
@@ -91,12 +119,6 @@ class CryptFile:
             self.disk_blocks = whole
             self.size = whole * BLOCK_SIZE
             self.torn_tail = True
-        self.dirty: dict[int, bytearray] = {}
-        self.final_cache: tuple[int, bytes] | None = None
-        self.seals_used = slot.seals  # conservative: the persisted value is an upper bound
-        self.seals_reserved = slot.seals
-        self.seals_persisted = slot.seals
-        self.changed = False  # written since open: callers drop cached pages of other opens
 
     @property
     def file_id(self) -> bytes:
@@ -136,12 +158,41 @@ class CryptFile:
         view = memoryview(raw)
         out = []
         for i in range(count):
+            if self.patched and first + i in self.patched:
+                out.append(self.patched[first + i])
+                continue
             sealed = view[i * CIPHER_BLOCK_SIZE : (i + 1) * CIPHER_BLOCK_SIZE]
             if len(sealed) < BLOCK_OVERHEAD:
                 raise TruncatedError(f"{self.label}: block {first + i} is missing or torn", hint="run vcfs fsck")
             out.append(self._open_disk_block(first + i, sealed))
             counters.opened(len(out[-1]))
         return out
+
+    def try_open(self, block_no: int, sealed: bytes | memoryview) -> tuple[bytes, bool] | None:
+        """(plaintext, sealed final?) if ``sealed`` authenticates as block ``block_no`` of this file."""
+        for final in (True, False):
+            try:
+                return open_block(self._keys, self._bound, block_no, final, sealed), final
+            except BlockAuthError:
+                continue
+        return None
+
+    def seal_final(self, block_no: int, plain: bytes) -> bytes:
+        """A fresh final seal of ``plain`` as block ``block_no`` (recovery ending a file there)."""
+        with self.lock:
+            self._reserve_seals(1)
+            return self._seal(block_no, True, plain)
+
+    def patch_block(self, block_no: int, plain: bytes, new_disk_size: int | None, in_memory: bool) -> None:
+        """Recovery replaced block ``block_no`` (on disk, or only in memory); ``new_disk_size`` if
+        the file now ends after it."""
+        if in_memory:
+            self.patched[block_no] = plain
+            if new_disk_size is not None:
+                self.disk_size, self.disk_blocks, self.torn_tail = new_disk_size, block_no + 1, False
+                self.size = block_no * BLOCK_SIZE + len(plain)
+        else:
+            self._load_disk_state()
 
     def _plain_block(self, block_no: int) -> bytes | bytearray:
         if block_no in self.dirty:
@@ -254,12 +305,30 @@ class CryptFile:
             if self.final_cache is not None and self.final_cache[0] >= last:
                 self.final_cache = None
             if self.disk_blocks > last:
-                # Cut the file before the new last block; _flush writes it sealed final.
-                os.ftruncate(self.fd, block_no_to_cipher_off(last))
-                self.disk_blocks = last
-                self.disk_size = block_no_to_cipher_off(last)
-                self.disk_last_final = False
-            self._flush(keep_tail=False)
+                plain = self.dirty.pop(last)
+                self._flush(keep_tail=False)  # blocks before it: inner, at their places
+                self._rewrite_last(last, plain)
+            else:
+                self._flush(keep_tail=False)
+
+    def _rewrite_last(self, last: int, plain: bytes | bytearray) -> None:
+        """Make on-disk block ``last`` the file's final block holding ``plain``; cut what follows.
+
+        The block is written over in place, then the file is cut after it. Until the cut, block
+        ``last`` does not authenticate (the new, shorter block runs into the old bytes); with
+        on-disk blocks after it, ``_preserve`` copies it to the journal, so a crash in between
+        restores the file as it was instead of leaving a damaged block inside it.
+        """
+        self._preserve([last])
+        self._reserve_seals(1)
+        sealed = self._seal(last, True, plain)
+        off = block_no_to_cipher_off(last)
+        pwrite_all(self.fd, sealed, off)
+        os.ftruncate(self.fd, off + len(sealed))
+        self._unsynced.add(last)
+        self.disk_blocks, self.disk_size = last + 1, off + len(sealed)
+        self.disk_last_final, self.torn_tail = True, False
+        self.final_cache = (last, bytes(plain))
 
     # ---- sealing -------------------------------------------------------------------------
 
@@ -280,8 +349,13 @@ class CryptFile:
 
         A raised reservation must be durable before blocks sealed under it; lowering the
         count to the exact value at close may be lost in a crash, which only leaves the
-        (safe) higher reservation in place, so it is written without a sync.
+        (safe) higher reservation in place, so it is written without a sync. Overwriting the
+        other slot is safe only while the active one is durable: one written without a sync
+        (by this close, or by an earlier session's: unknown after open) is synced first, or a
+        power loss could tear both.
         """
+        if not self._slot_durable:
+            os.fdatasync(self.fd)
         new = KeySlot(
             self._slot.generation + 1,
             self._slot.wrap_alg,
@@ -294,12 +368,47 @@ class CryptFile:
         pwrite_all(self.fd, new.encode(), slot_offset(index))
         if sync:
             os.fdatasync(self.fd)
-        self._slot, self._slot_index = new, index
+        self._slot, self._slot_index, self._slot_durable = new, index, sync
         self.seals_persisted = seals
 
     def _seal(self, block_no: int, final: bool, plain: bytes | bytearray) -> bytes:
         counters.sealed(len(plain))
         return seal_block(self._keys, self._bound, block_no, final, plain)
+
+    def _disk_block(self, block_no: int) -> bytes:
+        """Block ``block_no``'s sealed bytes as they are on disk now."""
+        off = block_no_to_cipher_off(block_no)
+        return pread_exact(self.fd, min(CIPHER_BLOCK_SIZE, self.disk_size - off), off)
+
+    def _preserve(self, blocks: list[int]) -> list[tuple[int, bytes]]:
+        """Copy on-disk blocks about to be written over in place to the journal first.
+
+        A block an fsync may have promised (not in ``_unsynced``) is copied and the journal
+        synced, so not even a power loss can tear its fsynced bytes. A block holding only
+        unsynced bytes is copied without a sync if on-disk blocks follow it: kill -9 cannot lose
+        a completed write, so the copy keeps a write cut short by kill -9 from leaving a damaged
+        block inside the file. The on-disk last block needs no copy then: a cut write there is a
+        torn tail of unsynced bytes, which fsck --repair cuts. Each block is copied at most once
+        between two fsyncs; recovery restores the newest copy that authenticates. Returns what
+        was copied.
+        """
+        if self.journal is None:
+            return []
+        last_on_disk = self.disk_blocks - 1
+        todo, durable = [], False
+        for b in blocks:
+            if b > last_on_disk or b in self._journaled:
+                continue
+            promised = b not in self._unsynced
+            if promised or b < last_on_disk:
+                todo.append(b)
+                durable |= promised
+        if not todo:
+            return []
+        saved = [(b, self._disk_block(b)) for b in todo]
+        self.journal.save(saved, durable)
+        self._journaled.update(todo)
+        return saved
 
     def _flush(self, keep_tail: bool) -> None:
         if not self.dirty:
@@ -321,26 +430,34 @@ class CryptFile:
         if end > on_disk:
             reserve_space(self.fd, on_disk, end - on_disk)
         self._reserve_seals(len(todo) + (1 if reseal_old else 0))
-        old_plain = self._plain_block(old_last) if reseal_old else b""
-        run: list[bytes] = []
-        run_start = todo[0]
+        # The old last block is resealed inner in the same ascending write as the blocks after
+        # it (every block past the old end is dirty, so it directly precedes them): a write cut
+        # short then always leaves its damage at the new end of the file, never inside it.
+        plain: dict[int, bytes | bytearray] = {b: self.dirty[b] for b in todo}
+        if reseal_old:
+            plain[old_last] = self._plain_block(old_last)
+        order = sorted(plain)
+        undo = dict(self._preserve([b for b in order if b < self.disk_blocks]))
+        if end > on_disk and 0 <= old_last < self.disk_blocks and old_last in plain and old_last not in undo:
+            undo[old_last] = self._disk_block(old_last)  # to put back if the file must be cut back
         try:
-            for i, b in enumerate(todo):
-                run.append(self._seal(b, b == new_last, self.dirty[b]))
-                if i + 1 == len(todo) or todo[i + 1] != b + 1:
-                    pwritev_all(self.fd, run, block_no_to_cipher_off(run_start))
+            run: list[bytes] = []
+            for i, b in enumerate(order):
+                run.append(self._seal(b, b == new_last, plain[b]))
+                if i + 1 == len(order) or order[i + 1] != b + 1:
+                    pwritev_all(self.fd, run, block_no_to_cipher_off(b + 1 - len(run)))
                     run = []
-                    if i + 1 < len(todo):
-                        run_start = todo[i + 1]
-            if reseal_old:
-                pwrite_all(self.fd, self._seal(old_last, False, old_plain), block_no_to_cipher_off(old_last))
         except OSError:
             if end > on_disk:
-                # No reservation possible (or another error): drop a partly appended block so the
-                # file ends where it did, not in a torn block. The dirty blocks are still in memory.
+                # No reservation possible (or another error): put back what was written over and
+                # drop a partly appended block, so the file ends where and as it did. The dirty
+                # blocks are still in memory.
                 with contextlib.suppress(OSError):
+                    for b, sealed in undo.items():
+                        pwrite_all(self.fd, sealed, block_no_to_cipher_off(b))
                     os.ftruncate(self.fd, on_disk)
             raise
+        self._unsynced.update(order)
         if new_last in self.dirty and new_last in todo:
             last_plain = bytes(self.dirty[new_last])
             self.final_cache = (new_last, last_plain)
@@ -365,14 +482,14 @@ class CryptFile:
                 except BlockAuthError:
                     plain = open_block(self._keys, self._bound, last, True, raw)
             self.dirty.clear()
-            os.ftruncate(self.fd, block_no_to_cipher_off(last))
-            self._reserve_seals(1)
-            pwrite_all(self.fd, self._seal(last, True, plain), block_no_to_cipher_off(last))
+            self._rewrite_last(last, plain)
             os.fsync(self.fd)
-            self.disk_blocks, self.disk_last_final, self.torn_tail = last + 1, True, False
+            self._slot_durable = True
+            self._unsynced.clear()
+            self._journaled.clear()
+            if self.journal is not None:
+                self.journal.reset()
             self.size = last * BLOCK_SIZE + len(plain)
-            self.disk_size = block_no_to_cipher_off(last) + BLOCK_OVERHEAD + len(plain)
-            self.final_cache = (last, bytes(plain))
 
     def flush(self) -> None:
         """Seal and write everything held in memory (close(2) semantics; no sync)."""
@@ -386,7 +503,19 @@ class CryptFile:
         with self.lock:
             self._flush(keep_tail=False)
             fd = self.fd
+            # From here on every block on disk is promised: its next rewrite copies it first.
+            self._unsynced.clear()
+            self._journaled.clear()
+            journal = self.journal
+            mark = journal.mark() if journal is not None else None
         (os.fdatasync if datasync else os.fsync)(fd)
+        with self.lock:
+            self._slot_durable = True  # a close-time slot write can only come after this fsync
+        if journal is not None and mark is not None:
+            with self.lock:
+                # Every block written before the sync is durable now, so the journal's copies of
+                # older versions are obsolete, unless a rewrite during the sync saved new ones.
+                journal.reset(mark)
 
     def close(self) -> None:
         """Flush, record the exact seal count, close the backing file. Idempotent."""
@@ -401,7 +530,13 @@ class CryptFile:
                     st = os.fstat(self.fd)
                     self._write_slot(self.seals_used, sync=False)
                     os.utime(self.fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+                if self.journal is not None:
+                    if self.journal.live:
+                        os.fdatasync(self.fd)  # the copies may go only once the rewrites are durable
+                    self.journal.discard()
             finally:
+                if self.journal is not None:
+                    self.journal.close()
                 os.close(self.fd)
                 self.fd = -1
 
@@ -435,19 +570,46 @@ def _unlock(header: Header, label: str, unwrap: Unwrap) -> tuple[int, KeySlot, b
     raise errors[0] if errors else HeaderAuthError(f"{label}: no usable key slot")
 
 
-def open_cryptfile(fd: int, label: str, unwrap: Unwrap, allow_damaged: bool = False) -> CryptFile:
+def open_cryptfile(
+    fd: int, label: str, unwrap: Unwrap, allow_damaged: bool = False, journal: Journal | None = None
+) -> CryptFile:
     """Authenticate the header of an existing backing file and return its engine.
 
     Takes a shared flock on the backing file for as long as it is open, so a concurrent
-    ``vcfs keys rewrap`` leaves it alone (it needs the exclusive lock).
+    ``vcfs keys rewrap`` leaves it alone (it needs the exclusive lock). With the store's
+    ``journal``, blocks a crash tore are restored first (on disk if ``fd`` is writable, which
+    only the store's one writer opens it as; else in memory), and a writable file journals
+    its own in-place rewrites.
     """
     fcntl.flock(fd, fcntl.LOCK_SH)
     header = parse_header(pread_exact(fd, HEADER_LEN, 0))
     index, _slot, _dek, keys = _unlock(header, label, unwrap)
     cf = CryptFile(fd, header, index, keys, label)
+    if journal is not None:
+        _recover(cf, journal)
     if cf.disk_blocks == 0 and not allow_damaged:
         raise TruncatedError(f"{label}: no complete block after the header", hint="run vcfs fsck")
     return cf
+
+
+def _recover(cf: CryptFile, journal: Journal) -> None:
+    writable = (fcntl.fcntl(cf.fd, fcntl.F_GETFL) & os.O_ACCMODE) != os.O_RDONLY
+    records = journal.read(cf.file_id)
+    if records:
+        cf.restored = restore_from_journal(cf, records, write=writable)
+        for r in cf.restored:
+            log.warning(
+                "%s: block %d was torn by a crash; restored its last synced version from the journal%s",
+                cf.label,
+                r.block_no,
+                " and cut the unsynced bytes after it" if r.cut else "",
+            )
+            events.emit(events.BLOCK_RESTORED, path=cf.label, block=r.block_no, on_disk=writable)
+        if writable:
+            os.fdatasync(cf.fd)  # the restored blocks are durable before their copies go
+            journal.remove(cf.file_id)
+    if writable:
+        cf.journal = journal.for_file(cf.file_id, cf.label)
 
 
 def rewrap_header(fd: int, label: str, unwrap: Unwrap, target: KeyRef, wrap: Callable[[bytes], Wrapped]) -> KeyRef:
@@ -467,12 +629,15 @@ def rewrap_header(fd: int, label: str, unwrap: Unwrap, target: KeyRef, wrap: Cal
     new = KeySlot(
         slot.generation + 1, wrapped.wrap_alg, wrapped.ref.domain, wrapped.ref.version, wrapped.blob, slot.seals
     ).sealed(header.preamble, keys)
+    os.fdatasync(fd)  # the active slot may have been written without a sync (exact count at close)
     pwrite_all(fd, new.encode(), slot_offset(1 - index))
     os.fdatasync(fd)
     return old
 
 
-def create_cryptfile(fd: int, label: str, wrap: Callable[[bytes], Wrapped]) -> CryptFile:
+def create_cryptfile(
+    fd: int, label: str, wrap: Callable[[bytes], Wrapped], journal: Journal | None = None
+) -> CryptFile:
     """Write a new empty file (header + one empty final block) into an empty backing file."""
     dek = new_dek()
     file_id = new_file_id()
@@ -485,6 +650,9 @@ def create_cryptfile(fd: int, label: str, wrap: Callable[[bytes], Wrapped]) -> C
     pwrite_all(fd, header.encode() + empty, 0)
     cf = CryptFile(fd, header, 0, keys, label)
     cf.seals_used = 1
+    cf._unsynced.add(0)  # never fsynced: the first write may overwrite it without a copy
+    if journal is not None:
+        cf.journal = journal.for_file(file_id, label)
     return cf
 
 

@@ -36,6 +36,7 @@ BLOCK_AUTH_FAILED = "block.auth_failed"
 AUDIT_ALERT = "audit.alert"
 AUDIT_DEGRADED = "audit.degraded"
 AUDIT_RECOVERED = "audit.recovered"
+BLOCK_RESTORED = "block.restored"  # a block a crash tore, restored from the journal (path, block)
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,7 @@ from typing import BinaryIO
 
 from vcfs.core.layout import BLOCK_SIZE
 from vcfs.errors import IntegrityError, UsageError, VcfsError
+from vcfs.longpath import LongPath
 from vcfs.offline import OfflineStore, subtree, walk
 
 CHUNK = 16 * BLOCK_SIZE
@@ -85,6 +86,7 @@ def export(
     store: OfflineStore, subpath: str | None, dest: Path, progress: Callable[[int, int], None] | None = None
 ) -> ExportReport:
     root = subtree(store, subpath)
+    dest = LongPath(dest)  # targets as deep as the tree they restore
     report = ExportReport()
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise UsageError(f"{dest} exists and is not an empty directory", hint="export into a new directory")
@@ -98,7 +100,7 @@ def export(
         base = root
     total = sum(st.st_size for _, st in entries if stat.S_ISREG(st.st_mode)) or 1
     done = 0
-    dirs: list[tuple[os.stat_result, Path]] = []
+    dirs: list[tuple[os.stat_result, LongPath]] = []
     for src, st in entries:
         target = dest / src.relative_to(base)
         if stat.S_ISDIR(st.st_mode):
@@ -125,6 +127,7 @@ def export(
 
 
 def decrypt_file(store: OfflineStore, backing_file: Path, out_path: str) -> int:
+    backing_file = LongPath(backing_file)
     if out_path == "-":
         return decrypt_to(store, backing_file, os.fdopen(os.dup(1), "wb"))
     out = Path(out_path)

@@ -31,6 +31,7 @@ from vcfs.core.layout import cipher_to_plain_size_or_floor
 from vcfs.cryptfile import CryptFile, create_cryptfile, open_cryptfile
 from vcfs.errors import IntegrityError, KeyProviderError, VcfsError
 from vcfs.inodes import InodeTable
+from vcfs.journal import Journal
 from vcfs.keys.base import KeyProvider
 from vcfs.privileges import can_chown
 from vcfs.store import open_backing
@@ -65,11 +66,13 @@ class VcfsOperations(pyfuse3.Operations):
         domain: str,
         refresh_keys: Callable[[], None] | None = None,
         guard: AccessGuard | None = None,
+        journal: Journal | None = None,
     ) -> None:
         super().__init__()
         self.inodes = InodeTable(tree)
         self.guard = guard or AccessGuard()  # access policy + audit trail; inert when neither is configured
         self.guard.attach(self.inodes)
+        self.journal = journal  # crash safety of in-place rewrites (vcfs/journal.py)
         self.provider = provider
         self.domain = domain
         self._refresh_keys = refresh_keys  # picks up a rotated KEK before a new file is wrapped
@@ -406,7 +409,14 @@ class VcfsOperations(pyfuse3.Operations):
         fd = self._oserror(lambda: open_backing(path))
         try:
             return await self._run(
-                open_cryptfile, fd, os.fsdecode(path), self.provider.unwrap, label=os.fsdecode(path), hsm=True
+                open_cryptfile,
+                fd,
+                os.fsdecode(path),
+                self.provider.unwrap,
+                False,
+                self.journal,
+                label=os.fsdecode(path),
+                hsm=True,
             )
         except BaseException:
             os.close(fd)
@@ -471,7 +481,9 @@ class VcfsOperations(pyfuse3.Operations):
                 if self._refresh_keys is not None:
                     self._refresh_keys()
                 current = self.provider.current(self.domain)
-                return create_cryptfile(fd, os.fsdecode(path), lambda dek: self.provider.wrap(current, dek))
+                return create_cryptfile(
+                    fd, os.fsdecode(path), lambda dek: self.provider.wrap(current, dek), self.journal
+                )
 
             cf = await self._run(make, label=os.fsdecode(path), hsm=True)
         except BaseException:

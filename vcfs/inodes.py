@@ -4,17 +4,27 @@ Inode numbers are the backing files' own st_ino (the backing root becomes FUSE i
 Each inode remembers the (parent inode, name) links it was looked up under, so renaming a
 directory moves its whole subtree at once: children keep their parent inode, and paths are
 rebuilt on demand by walking up to the root. Hard links give an inode several links.
+
+Deep trees: a plain filesystem allows any depth (PATH_MAX, 4096 bytes, limits one system
+call's path, not the tree), but the backing path of a deep file is longer than the path the
+user gave, relative to some directory of theirs. So a backing path that would pass
+``PATH_LIMIT`` is named relative to an O_PATH descriptor of one of its directories, as
+``/proc/self/fd/N/rest``: every path-based call in the adapter works on it unchanged. An
+anchor follows its directory through renames (it is the inode, not the name) and is closed
+when the kernel forgets that directory, so no request can still be using its number.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import threading
 from dataclasses import dataclass, field
 
 import pyfuse3
 
 ROOT = pyfuse3.ROOT_INODE
+PATH_LIMIT = 3800  # bytes; below PATH_MAX (4096) with room for one more name
 
 
 @dataclass(slots=True)
@@ -28,6 +38,8 @@ class InodeTable:
         self.root_path = root_path
         self._root_backing_ino = os.lstat(root_path).st_ino
         self._entries: dict[int, _Entry] = {ROOT: _Entry(lookups=1)}
+        self._anchors: dict[int, int] = {}  # directory inode -> O_PATH fd, for deep paths only
+        self._anchor_lock = threading.Lock()
 
     def to_fuse(self, backing_ino: int) -> int:
         if backing_ino == self._root_backing_ino:
@@ -38,18 +50,47 @@ class InodeTable:
 
     def path(self, inode: int) -> bytes:
         """A current path of ``inode``; FileNotFoundError if it has none (unlinked)."""
-        parts: list[bytes] = []
+        chain: list[tuple[int, bytes]] = []  # (inode, its name), from ``inode`` up to the root
         seen = 0
         while inode != ROOT:
             entry = self._entries.get(inode)
             if entry is None or not entry.links:
                 raise FileNotFoundError(errno.ENOENT, f"inode {inode} has no path")
-            inode, name = min(entry.links)
-            parts.append(name)
+            parent, name = min(entry.links)
+            chain.append((inode, name))
+            inode = parent
             seen += 1
-            if seen > 4096:
+            if seen > 1 << 16:
                 raise OSError("inode path loop")
-        return os.path.join(self.root_path, *reversed(parts)) if parts else self.root_path
+        if not chain:
+            return self.root_path
+        full = os.path.join(self.root_path, *(name for _, name in reversed(chain)))
+        return full if len(full) < PATH_LIMIT else self._anchored(chain[::-1])
+
+    def _anchored(self, chain: list[tuple[int, bytes]]) -> bytes:
+        """The path of ``chain[-1]`` with its long prefix replaced by /proc/self/fd/N anchors."""
+        base, size = self.root_path, len(self.root_path)
+        rel: list[bytes] = []
+        for i, (_inode, name) in enumerate(chain):
+            if i and size + 1 + len(name) >= PATH_LIMIT:
+                fd = self._anchor(chain[i - 1][0], os.path.join(base, *rel))
+                base, rel = b"/proc/self/fd/%d" % fd, []
+                size = len(base)
+            rel.append(name)
+            size += 1 + len(name)
+        return os.path.join(base, *rel)
+
+    def _anchor(self, inode: int, path: bytes) -> int:
+        with self._anchor_lock:
+            fd = self._anchors.get(inode)
+            if fd is not None:
+                return fd
+            fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            if self.to_fuse(os.fstat(fd).st_ino) != inode:  # renamed away under us
+                os.close(fd)
+                raise FileNotFoundError(errno.ENOENT, f"inode {inode} moved")
+            self._anchors[inode] = fd
+            return fd
 
     def child_path(self, parent: int, name: bytes) -> bytes:
         return os.path.join(self.path(parent), name)
@@ -89,3 +130,7 @@ class InodeTable:
         entry.lookups -= count
         if entry.lookups <= 0:
             del self._entries[inode]
+            with self._anchor_lock:
+                fd = self._anchors.pop(inode, None)
+            if fd is not None:
+                os.close(fd)

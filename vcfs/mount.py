@@ -22,6 +22,7 @@ from vcfs.config import config_path, load_config
 from vcfs.errors import MountError, VcfsError
 from vcfs.fs import VcfsOperations
 from vcfs.guardsetup import load_access, open_guard
+from vcfs.journal import Journal
 from vcfs.keys.metered import MeteredProvider
 from vcfs.keys.pkcs11 import Pkcs11Provider
 from vcfs.keys.setup import HostKeyOptions, open_provider, refresh_provider
@@ -29,6 +30,7 @@ from vcfs.mountconfig import ControlSection, MetricsSection
 from vcfs.mountstate import MountState
 from vcfs.store import lock_store
 from vcfs.storelayout import tree_path
+from vcfs.sweep import recover_store
 
 log = logging.getLogger("vcfs.mount")
 
@@ -118,6 +120,8 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
         provider = open_provider(cfg, opts.keys)
         provider.self_test(cfg.default_domain)
         lock_store(opts.backing)  # only now: a refused mount leaves the store untouched
+        journal = Journal(opts.backing)
+        recover_store(journal, provider.unwrap)  # blocks a crash tore, before anything is served
         guard, reload = open_guard(
             access, opts.policy_file, opts.audit_dir, cfg, provider, opts.backing, opts.mountpoint
         )
@@ -127,6 +131,7 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
             cfg.default_domain,
             ConfigWatcher(opts.backing, provider),
             guard,
+            journal,
         )
         state = MountState(opts.backing, opts.mountpoint, lambda: ops.open_files)
         extras = service.open_extras(opts.mountpoint, opts.control, opts.metrics, state)  # may refuse: port taken

@@ -7,6 +7,7 @@ config parsing, same key checks, same CryptFile engine).
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,8 +15,11 @@ from pathlib import Path
 from vcfs.config import CONFIG_NAME, StoreConfig, load_config
 from vcfs.cryptfile import CryptFile, open_cryptfile
 from vcfs.errors import ConfigError, UsageError
+from vcfs.journal import Journal
 from vcfs.keys.pkcs11 import Pkcs11Provider
 from vcfs.keys.setup import HostKeyOptions, open_provider
+from vcfs.longpath import LongPath
+from vcfs.store import open_noatime
 from vcfs.storelayout import TREE_DIR, tree_path
 
 
@@ -29,10 +33,16 @@ class OfflineStore:
     def tree(self) -> Path:
         return tree_path(self.backing)
 
+    @property
+    def journal(self) -> Journal:
+        return Journal(self.backing)
+
     def open_file(self, path: Path, writable: bool = False, allow_damaged: bool = False) -> CryptFile:
-        fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NOFOLLOW)
+        """Open a backing file; blocks a crash tore come from the journal (on disk only if
+        ``writable``, which needs the store lock)."""
+        fd = open_noatime(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NOFOLLOW)
         try:
-            return open_cryptfile(fd, str(path), self.provider.unwrap, allow_damaged=allow_damaged)
+            return open_cryptfile(fd, str(path), self.provider.unwrap, allow_damaged, self.journal)
         except BaseException:
             os.close(fd)
             raise
@@ -48,7 +58,7 @@ def open_store(backing: Path, opts: HostKeyOptions) -> OfflineStore:
 
 def find_store(backing_file: Path) -> tuple[Path, Path]:
     """The store holding ``backing_file`` and the file's path inside the tree."""
-    path = backing_file.resolve()
+    path = LongPath(backing_file).resolve()
     for parent in path.parents:
         if parent.name == TREE_DIR and (parent.parent / CONFIG_NAME).exists():
             return parent.parent, path.relative_to(parent)
@@ -56,15 +66,29 @@ def find_store(backing_file: Path) -> tuple[Path, Path]:
 
 
 def walk(root: Path) -> Iterator[tuple[Path, os.stat_result]]:
-    """Every entry under ``root`` (itself excluded), parents before children, sorted by name."""
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(dirnames + filenames):
-            path = Path(dirpath, name)
+    """Every entry under ``root`` (itself excluded), parents before children, sorted by name.
+
+    The paths are LongPaths, usable however deep the tree is (vcfs/longpath.py); entries that
+    vanish during the walk (a live store) are skipped.
+    """
+    stack = [LongPath(root)]
+    while stack:
+        directory = stack.pop()
+        try:
+            names = sorted(os.listdir(directory))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        subdirs = []
+        for name in names:
+            path = directory / name
             try:
-                yield path, path.lstat()
+                st = path.lstat()
             except FileNotFoundError:
                 continue
+            yield path, st
+            if stat.S_ISDIR(st.st_mode):
+                subdirs.append(path)
+        stack.extend(reversed(subdirs))
 
 
 def subtree(store: OfflineStore, subpath: str | None) -> Path:

@@ -4,6 +4,7 @@
     BACKING/vcfs.lock    held (flock) by the one daemon serving the store; holds its pid
     BACKING/files/       the encrypted tree: one backing file per plaintext file,
                          directories and symlinks mirrored
+    BACKING/journal/     copies of blocks being rewritten in place, per file id (crash safety)
 Keeping the tree in its own directory means no plaintext name is reserved for vcfs.
 """
 
@@ -24,3 +25,4 @@ def lock_path(backing: Path) -> Path:
 
 
 QUARANTINE_DIR = "quarantine"  # fsck --repair keeps removed ciphertext here
+JOURNAL_DIR = "journal"  # see vcfs/journal.py

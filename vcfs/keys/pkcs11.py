@@ -59,6 +59,17 @@ class KekSpec:
     state: str = STATE_ACTIVE
 
 
+def _mechanism(code: int, ref: KeyRef) -> Mechanism:
+    """The configured mechanism code as python-pkcs11 wants it; an unknown code is a config problem."""
+    try:
+        return Mechanism(code)
+    except ValueError:
+        raise KeyProviderError(
+            f"mechanism {code:#x} of KEK {ref} is not a PKCS#11 mechanism this vcfs knows",
+            hint="set the mechanism in vcfs.conf to the RFC 5649 code (0x210A on SoftHSM2, 0x210B on PKCS#11 3.x)",
+        ) from None
+
+
 def _locked(fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
     with _LOCK:
         return fn(*args, **kwargs)
@@ -153,7 +164,11 @@ class Pkcs11Provider:
         self._sessions: dict[str, Any] = {}
         self._keks: dict[KeyRef, tuple[Any, KekSpec]] = {}
         self._current: dict[str, int] = {}
-        self.sync(keks, current)
+        try:
+            self.sync(keks, current)
+        except BaseException:
+            self.close()  # or the token stays logged in for the rest of the process
+            raise
 
     def session_for(self, token: str) -> Any:
         """The logged-in session of ``token`` (for key management: generate, destroy)."""
@@ -227,7 +242,7 @@ class Pkcs11Provider:
                 }
             )
             try:
-                blob = kek.wrap_key(obj, mechanism=Mechanism(spec.mechanism))
+                blob = kek.wrap_key(obj, mechanism=_mechanism(spec.mechanism, ref))
             except p11e.PKCS11Error as exc:
                 raise KeyProviderError(f"HSM refused to wrap under KEK {ref}: {type(exc).__name__}") from None
             finally:
@@ -251,7 +266,7 @@ class Pkcs11Provider:
                     ObjectClass.SECRET_KEY,
                     KeyType.AES,
                     wrapped.blob,
-                    mechanism=Mechanism(spec.mechanism),
+                    mechanism=_mechanism(spec.mechanism, wrapped.ref),
                     store=False,
                     template={Attribute.SENSITIVE: False, Attribute.EXTRACTABLE: True, Attribute.TOKEN: False},
                 )
