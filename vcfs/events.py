@@ -31,6 +31,11 @@ KEY_UNWRAP = "key.unwrap"
 KEY_ROTATE = "key.rotate"
 KEY_RETIRE = "key.retire"
 KEY_DESTROY = "key.destroy"
+KEY_LOAD = "key.load"  # a keystore KEK unwrapped under its master key into the HSM
+KEY_SHRED = "key.shred"  # one file's wrapped DEKs overwritten (vcfs shred)
+KEY_RENEW = "key.renew"  # a file moved to a fresh DEK before its nonce budget ran out
+HSM_UNAVAILABLE = "hsm.unavailable"
+HSM_AVAILABLE = "hsm.available"
 BLOCK_AUTH_FAILED = "block.auth_failed"
 
 

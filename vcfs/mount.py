@@ -16,11 +16,13 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from vcfs.config import config_path, load_config
+from vcfs.config import load_config
 from vcfs.errors import MountError, VcfsError
 from vcfs.fs import VcfsOperations
-from vcfs.keys.pkcs11 import Pkcs11Provider
-from vcfs.keys.setup import HostKeyOptions, open_provider, refresh_provider
+from vcfs.keys.dekcache import DEFAULT_TTL
+from vcfs.keys.setup import HostKeyOptions, open_provider
+from vcfs.mountkeys import MountKeys
+from vcfs.renew import clean_leftovers
 from vcfs.store import lock_store
 from vcfs.storelayout import tree_path
 
@@ -34,6 +36,7 @@ class MountOptions:
     keys: HostKeyOptions
     allow_other: bool | None = None  # None: allow other users when running as root
     debug: bool = False
+    dek_cache_seconds: float = DEFAULT_TTL  # how long an unwrapped DEK outlives its last close
 
 
 def mounted_vcfs(mountpoint: Path) -> bool:
@@ -56,28 +59,6 @@ def check_mountpoint(mountpoint: Path) -> None:
         raise MountError(f"{mountpoint} is already a mount point", hint=f"vcfs umount {mountpoint}")
 
 
-class ConfigWatcher:
-    """Re-reads the store config when it changed (rotate, retire, destroy) and updates the keys.
-
-    Called in the HSM worker before each new file is wrapped: one stat() when nothing changed.
-    """
-
-    def __init__(self, backing: Path, provider: Pkcs11Provider) -> None:
-        self._path = config_path(backing)
-        self._backing = backing
-        self._provider = provider
-        self._stamp = self._path.stat().st_mtime_ns
-
-    def __call__(self) -> None:
-        stamp = self._path.stat().st_mtime_ns
-        if stamp == self._stamp:
-            return
-        cfg = load_config(self._backing)
-        refresh_provider(self._provider, cfg)
-        self._stamp = stamp
-        log.info("store config changed: new files use KEK %s", self._provider.current(cfg.default_domain))
-
-
 def _report(ready_fd: int | None, text: str) -> None:
     if ready_fd is None:
         return
@@ -94,12 +75,13 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
     try:
         cfg = load_config(opts.backing)
         check_mountpoint(opts.mountpoint)
-        provider = open_provider(cfg, opts.keys)
-        provider.self_test(cfg.default_domain)
+        provider = open_provider(cfg, opts.keys, probe=True)
+        for domain in cfg.domains:
+            provider.self_test(domain)
         lock_store(opts.backing)  # only now: a refused mount leaves the store untouched
-        ops = VcfsOperations(
-            os.fsencode(tree_path(opts.backing)), provider, cfg.default_domain, ConfigWatcher(opts.backing, provider)
-        )
+        clean_leftovers(opts.backing)
+        keys = MountKeys(opts.backing, provider, opts.keys, opts.dek_cache_seconds, chown=os.geteuid() == 0)
+        ops = VcfsOperations(os.fsencode(tree_path(opts.backing)), keys)
         options = set(pyfuse3.default_options)
         options |= {f"fsname={opts.backing}", "subtype=vcfs"}
         allow_other = os.geteuid() == 0 if opts.allow_other is None else opts.allow_other
@@ -121,13 +103,15 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
         if provider is not None:
             provider.close()
         raise
-    log.info("mounted %s at %s (KEK %s)", opts.backing, opts.mountpoint, provider.current(cfg.default_domain))
+    kek_list = ", ".join(str(provider.current(d)) for d in cfg.domains)
+    log.info("mounted %s at %s (KEK %s)", opts.backing, opts.mountpoint, kek_list)
     _report(ready_fd, "ok\n")
     try:
         trio.run(_main, ops, str(opts.mountpoint))
     finally:
         if mounted:
             pyfuse3.close(unmount=True)
+        keys.close()
         provider.close()
         log.info("unmounted %s", opts.mountpoint)
     return 0
@@ -137,12 +121,22 @@ async def _main(ops: VcfsOperations, mountpoint: str) -> None:
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_on_signals, mountpoint)
+            nursery.start_soon(_key_upkeep, ops)
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
     finally:
         # Also after an error in the FUSE loop: whatever is still open gets sealed and synced.
         with trio.CancelScope(shield=True):
             await ops.close_all()
+
+
+async def _key_upkeep(ops: VcfsOperations) -> None:
+    """Once a second: drop expired DEKs; now and then, try to reach a token that went away."""
+    while True:
+        await trio.sleep(1)
+        ops.keys.sweep()
+        if ops.keys.recover_due():
+            await ops.run_hsm(ops.keys.recover)
 
 
 async def _on_signals(mountpoint: str) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from vcfs.config import CONFIG_NAME, StoreConfig, load_config
 from vcfs.cryptfile import CryptFile, open_cryptfile
 from vcfs.errors import ConfigError, UsageError
-from vcfs.keys.pkcs11 import Pkcs11Provider
+from vcfs.keys.provider import Pkcs11Provider
 from vcfs.keys.setup import HostKeyOptions, open_provider
 from vcfs.storelayout import TREE_DIR, tree_path
 

@@ -4,6 +4,7 @@
     BACKING/vcfs.lock    held (flock) by the one daemon serving the store; holds its pid
     BACKING/files/       the encrypted tree: one backing file per plaintext file,
                          directories and symlinks mirrored
+    BACKING/renew/       transient: re-encrypted copies during DEK renewal (vcfs/renew.py)
 Keeping the tree in its own directory means no plaintext name is reserved for vcfs.
 """
 
@@ -24,3 +25,8 @@ def lock_path(backing: Path) -> Path:
 
 
 QUARANTINE_DIR = "quarantine"  # fsck --repair keeps removed ciphertext here
+RENEW_DIR = "renew"  # DEK renewal writes a file's re-encrypted copy here, then swaps it in
+
+
+def renew_path(backing: Path) -> Path:
+    return backing / RENEW_DIR

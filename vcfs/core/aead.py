@@ -30,13 +30,13 @@ INFO_COMMITMENT = b"vcfs v1 key commitment"
 INFO_KEK_CHECK = b"vcfs v1 kek check"
 
 
-def _hkdf(dek: bytes, file_id: bytes, info: bytes) -> bytes:
+def _hkdf(dek: bytes | bytearray, file_id: bytes, info: bytes) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=file_id, info=info).derive(dek)
 
 
-def new_dek() -> bytes:
-    """A fresh random data key (os.urandom via cryptography's generator)."""
-    return AESGCM.generate_key(bit_length=256)
+def new_dek() -> bytearray:
+    """A fresh random data key (os.urandom via cryptography's generator), in a wipeable buffer."""
+    return bytearray(AESGCM.generate_key(bit_length=256))
 
 
 def new_file_id() -> bytes:
@@ -51,13 +51,25 @@ class AuthFailed(Exception):
     """Internal signal from this module; callers turn it into a named IntegrityError."""
 
 
+def wipe(buf: bytearray) -> None:
+    """Overwrite a key buffer in place (the one copy vcfs controls; see docs/KEYS.md, "Memory")."""
+    buf[:] = bytes(len(buf))
+
+
 @dataclass(frozen=True, slots=True)
 class FileKeys:
-    """The keys of one file, derived from its DEK. Holds secrets: never log or repr it."""
+    """The keys of one file, derived from its DEK. Holds secrets: never log or repr it.
+
+    ``mac_key`` is a mutable buffer so that ``wipe()`` can overwrite it when the file closes;
+    the content key lives inside ``cryptography``'s AESGCM object, which offers no wipe.
+    """
 
     content: AESGCM
-    mac_key: bytes
+    mac_key: bytearray
     commitment: bytes
+
+    def wipe(self) -> None:
+        wipe(self.mac_key)
 
     def __repr__(self) -> str:  # keep key bytes out of logs and tracebacks
         return "FileKeys(<secret>)"
@@ -84,17 +96,17 @@ class FileKeys:
         return hmac.compare_digest(self.commitment, stored)
 
 
-def derive_file_keys(dek: bytes, file_id: bytes) -> FileKeys:
+def derive_file_keys(dek: bytes | bytearray, file_id: bytes) -> FileKeys:
     if len(dek) != DEK_LEN:
         raise ValueError("DEK must be 32 bytes")
     return FileKeys(
         content=AESGCM(_hkdf(dek, file_id, INFO_CONTENT)),
-        mac_key=_hkdf(dek, file_id, INFO_HEADER_MAC),
+        mac_key=bytearray(_hkdf(dek, file_id, INFO_HEADER_MAC)),
         commitment=_hkdf(dek, file_id, INFO_COMMITMENT),
     )
 
 
-def kek_check_value(probe_key: bytes) -> bytes:
+def kek_check_value(probe_key: bytes | bytearray) -> bytes:
     """Public value proving that a wrapped probe key unwraps to the key it was made from.
 
     The store config keeps a probe key wrapped under each KEK plus this value, so a mount
