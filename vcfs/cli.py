@@ -583,6 +583,8 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command != "mount":  # the daemon sets up its own logging; commands show warnings plainly
+        logging.basicConfig(level=logging.WARNING, format="vcfs: %(message)s", stream=sys.stderr)
     try:
         return COMMANDS[args.command](args)
     except VcfsError as exc:

@@ -77,7 +77,8 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
         check_mountpoint(opts.mountpoint)
         provider = open_provider(cfg, opts.keys, probe=True)
         for domain in cfg.domains:
-            provider.self_test(domain)
+            if not provider.is_down(domain):  # a down domain was logged; it recovers by itself
+                provider.self_test(domain)
         lock_store(opts.backing)  # only now: a refused mount leaves the store untouched
         clean_leftovers(opts.backing)
         keys = MountKeys(opts.backing, provider, opts.keys, opts.dek_cache_seconds, chown=os.geteuid() == 0)

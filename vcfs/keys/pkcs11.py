@@ -78,11 +78,14 @@ def open_session(module_path: str, token_label: str, pin: str) -> Any:
     lib = _load_module(module_path)
     try:
         token = _locked(lib.get_token, token_label=token_label)
-    except (p11e.NoSuchToken, p11e.MultipleTokensReturned):
-        raise KeyProviderError(
+    except p11e.NoSuchToken:
+        # Absent, not wrong: with several key domains, the others keep working without it.
+        raise HsmUnavailableError(
             f"PKCS#11 token {token_label!r} not found in {module_path}",
-            hint="check the token label in the KEK URI, and that the HSM is reachable",
+            hint="check the token label in the store config, and that the HSM is reachable",
         ) from None
+    except p11e.MultipleTokensReturned:
+        raise KeyProviderError(f"more than one PKCS#11 token is labelled {token_label!r} in {module_path}") from None
     except p11e.PKCS11Error as exc:  # SoftHSM2 fails the whole slot list while a token is missing
         raise unavailable(f"cannot list the tokens of {module_path}", exc) from None
     try:

@@ -202,8 +202,11 @@ class Pkcs11Provider:
         self._call(ref.domain, lambda: self._kek(ref))
 
     def available(self, ref: KeyRef) -> bool:
+        """Whether an older KEK version can be loaded (a missing one only matters to its files)."""
         try:
             self.load(ref)
+        except HsmUnavailableError:
+            raise
         except KeyProviderError:
             return False
         return True
@@ -243,7 +246,7 @@ class Pkcs11Provider:
         link = self._link(domain)
         for name, d in self._domains.items():
             if (d.module, d.token) == (link.module, link.token) and name not in self._down:
-                self._down[name] = why
+                self._down[name] = why = why.removeprefix("HSM unavailable: ")
                 log.error("HSM unavailable: key domain %s (token %r): %s", name, d.token, why)
                 events.emit(events.HSM_UNAVAILABLE, domain=name, token=d.token, reason=why)
 

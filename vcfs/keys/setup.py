@@ -12,7 +12,7 @@ from vcfs import events
 from vcfs.config import KEK_STORE_KEYSTORE, KEK_STORE_TOKEN, DomainConfig, KekEntry, StoreConfig, utc_now
 from vcfs.core.aead import kek_check_value, new_dek
 from vcfs.core.header import WRAP_PKCS11_AES_KWP
-from vcfs.errors import HeaderAuthError, KeyProviderError
+from vcfs.errors import HeaderAuthError, HsmUnavailableError, KeyProviderError
 from vcfs.keys import embedded
 from vcfs.keys.base import STATE_DESTROYED, KeyRef, Wrapped
 from vcfs.keys.keystore import Keystore, MasterEntry, WrappedKek, keystore_path, load_keystore
@@ -140,17 +140,30 @@ def open_provider(cfg: StoreConfig, opts: HostKeyOptions, probe: bool = False) -
 
 
 def _load_and_verify(provider: Pkcs11Provider, cfg: StoreConfig, ks: Keystore) -> None:
+    """Load every domain's KEKs. A domain whose token cannot be reached is left *down* (its
+    files fail with "HSM unavailable"; a host of one region has no other region's HSM), unless
+    no domain at all can be reached. A wrong PIN, an unsafe or a wrong key stays fatal."""
+    unreachable: list[HsmUnavailableError] = []
     for d in cfg.domains.values():
-        for k in d.keks:
-            ref = KeyRef(d.name, k.version)
-            if provider.state(ref) == STATE_DESTROYED:
-                continue
-            if k.version == d.current:
-                provider.load(ref)
-            elif not provider.available(ref):
-                continue
-            if k.check_wrapped:
-                _verify_check(provider, ref, k)
+        try:
+            _load_domain(provider, d)
+        except HsmUnavailableError as exc:
+            unreachable.append(exc)
+    if len(unreachable) == len(cfg.domains):
+        raise unreachable[0]
+
+
+def _load_domain(provider: Pkcs11Provider, d: DomainConfig) -> None:
+    for k in d.keks:
+        ref = KeyRef(d.name, k.version)
+        if provider.state(ref) == STATE_DESTROYED:
+            continue
+        if k.version == d.current:
+            provider.load(ref)
+        elif not provider.available(ref):
+            continue
+        if k.check_wrapped:
+            _verify_check(provider, ref, k)
 
 
 def refresh_provider(provider: Pkcs11Provider, cfg: StoreConfig, opts: HostKeyOptions) -> None:
