@@ -25,9 +25,10 @@ import logging
 import os
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
-from vcfs.core.aead import DEK_LEN, FileKeys, derive_file_keys, new_dek, new_file_id, wipe
+from vcfs.core.aead import DEK_LEN, FileKeys, derive_file_keys, derive_header_keys, new_dek, new_file_id, wipe
 from vcfs.core.blocks import open_block, seal_block
 from vcfs.core.header import (
     SLOT_LEN,
@@ -538,12 +539,18 @@ def open_cryptfile(
     return cf
 
 
+@dataclass(frozen=True, slots=True)
+class Rewrapped:
+    old: KeyRef  # the KEK the file was under
+    active: int  # the slot that now holds the target wrapping
+    other_domain: str | None  # domain named by the other slot (unauthenticated), None if empty
+
+
 def rewrap_header(
     fd: int, label: str, unwrap: Unwrap, target: KeyRef, wrap: Callable[[bytearray], Wrapped], sync: bool = True
-) -> tuple[KeyRef, int]:
+) -> Rewrapped:
     """Wrap the file's DEK under ``target`` into the inactive slot.
 
-    Returns the KEK the file was under and the index of the slot that now holds ``target``.
     Header only: no block is read or written. The new slot (generation + 1) is written in
     place (and, with ``sync``, synced; batch callers sync the filesystem instead); until it is
     on disk the old slot stays valid, so a crash at any point leaves the file readable. Needs
@@ -555,7 +562,8 @@ def rewrap_header(
     try:
         old = KeyRef(slot.domain, slot.kek_version)
         if old == target:
-            return old, index
+            other = header.slots[1 - index]
+            return Rewrapped(old, index, other.domain if other is not None else None)
         wrapped = wrap(dek)
     finally:
         wipe(dek)
@@ -566,7 +574,45 @@ def rewrap_header(
     pwrite_all(fd, new.encode(), slot_offset(1 - index))
     if sync:
         os.fdatasync(fd)
-    return old, 1 - index
+    return Rewrapped(old, 1 - index, old.domain)
+
+
+def lock_header(fd: int) -> Header:
+    """Take a backing file's exclusive flock (BlockingIOError if it is open) and parse its header.
+
+    The first half of a rewrap split in steps for a pipelined caller (vcfs/rewrap.py):
+    lock_header, unwrap the newest slot, wrap under the target, then seal_rewrapped_slot.
+    """
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return parse_header(pread_exact(fd, HEADER_LEN, 0))
+
+
+def seal_rewrapped_slot(header: Header, index: int, dek: bytearray, wrapped: Wrapped | None) -> bytes | None:
+    """Authenticate slot ``index`` with its unwrapped DEK and build its successor holding ``wrapped``.
+
+    Returns the encoded new slot, for the other slot position; None when ``wrapped`` is None
+    (the slot only had to be authenticated). Raises HeaderAuthError if the slot does not
+    authenticate: the caller then falls back to rewrap_header, which tries the other slot.
+    Wipes ``dek``.
+    """
+    slot = header.slots[index]
+    assert slot is not None
+    try:
+        if len(dek) != DEK_LEN:
+            raise HeaderAuthError(f"key slot {index} unwraps to a {len(dek)}-byte key, not a DEK")
+        keys = derive_header_keys(dek, header.preamble.file_id)
+    finally:
+        wipe(dek)
+    try:
+        verify_slot(header.preamble, slot, keys)
+        if wrapped is None:
+            return None
+        new = KeySlot(
+            slot.generation + 1, wrapped.wrap_alg, wrapped.ref.domain, wrapped.ref.version, wrapped.blob, slot.seals
+        )
+        return new.sealed(header.preamble, keys).encode()
+    finally:
+        keys.wipe()
 
 
 def erase_other_slot(fd: int, keep: int) -> bool:

@@ -8,12 +8,18 @@ domain's slot is erased, so no wrapping under the old domain's keys stays in the
 
 Crash safety: each new slot goes into the header's inactive slot while the active one stays
 valid, so a kill or power loss at any moment leaves every file readable (under the old or the
-new KEK). New slots are made durable in batches with one syncfs() per batch and once at the
-end, instead of one fdatasync per file: a rewrap that returns has synced everything it did.
+new KEK). New slots are made durable with one syncfs() at the end instead of one fdatasync per file
+(a lost slot only means a rerun redoes that file): a rewrap that returns has synced all it did.
 Resumable: a rerun authenticates each header and skips files already under the target.
 
 Concurrency with a mount: files open in the daemon hold a shared flock; rewrap needs the
 exclusive one, skips them and reports them busy (run it again later).
+
+Speed: the HSM's work per header is the floor: one unwrap and one wrap. vcfs makes them in
+one trip (the unwrapped DEK object is wrapped under the new KEK directly, four token calls
+instead of six) and keeps the rest to one header read, one HMAC check, one HMAC and one
+write. A pipeline over threads was measured and dropped: on a loaded 2-core host the GIL
+hand-offs cost more than the overlap gained.
 """
 
 from __future__ import annotations
@@ -26,19 +32,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from vcfs.config import load_config
-from vcfs.core.header import parse_header
-from vcfs.core.layout import HEADER_LEN
-from vcfs.cryptfile import erase_other_slot, rewrap_header
-from vcfs.errors import UsageError, VcfsError
+from vcfs.core.header import Header, slot_offset
+from vcfs.cryptfile import erase_other_slot, lock_header, rewrap_header, seal_rewrapped_slot
+from vcfs.errors import HeaderAuthError, UsageError, VcfsError
 from vcfs.keyops import domain_of
 from vcfs.keys.base import KeyRef, Wrapped
 from vcfs.keys.provider import Pkcs11Provider
 from vcfs.keys.setup import HostKeyOptions, open_provider
-from vcfs.offline import walk
-from vcfs.store import pread_exact, sync_filesystem
+from vcfs.store import pwrite_all, sync_filesystem
 from vcfs.storelayout import tree_path
-
-SYNC_EVERY = 1024  # new slots per syncfs()
 
 
 @dataclass
@@ -74,45 +76,28 @@ def rewrap(
         raise UsageError("--from needs a DOMAIN", hint=f"vcfs keys rewrap {backing} DOMAIN --from {from_version}")
     dmap = cfg.domain_map()
     tree = tree_path(backing)
-    files = [p for p, st in walk(tree) if stat.S_ISREG(st.st_mode)]
+    root = str(tree)
+    files = _regular_files(root)
     report = RewrapReport()
     started = time.monotonic()
     provider = open_provider(cfg, opts)
     tree_fd = os.open(tree, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    unsynced = 0
     try:
         for i, path in enumerate(files):
-            rel = str(path.relative_to(tree))
-            target = provider.current(dmap.domain_of("/" + rel))
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
-            except OSError as exc:
-                report.failed.append({"path": rel, "error": exc.strerror or "open failed"})
-                continue
-            try:
-                if domain_name is not None and not _wanted(fd, domain_name, target.domain, from_version):
-                    report.skipped += 1
-                    continue
-                wrap = _wrap_under(provider, target)
-                old, active = rewrap_header(fd, str(path), provider.unwrap, target, wrap, sync=False)
-                if old.domain != target.domain or _foreign_slot(fd, active, target.domain):
-                    os.fdatasync(fd)  # the new slot is durable before the old domain's goes
-                    erase_other_slot(fd, active)
-                if old == target:
-                    report.already += 1
-                else:
-                    report.rewrapped += 1
-                    report.moved += old.domain != target.domain
-                    unsynced += 1
-            except BlockingIOError:
-                report.busy.append(rel)  # open in the mounted daemon: rerun once it is closed
-            except VcfsError as exc:
-                report.failed.append({"path": rel, "error": exc.message})
-            finally:
-                os.close(fd)
-            if unsynced >= SYNC_EVERY:
-                sync_filesystem(tree_fd)
-                unsynced = 0
+            rel = path[len(root) + 1 :]
+            path_domain = dmap.domain_of("/" + rel)
+            outcome = _one(provider, path, path_domain, domain_name, from_version)
+            if outcome.status == "busy":
+                report.busy.append(rel)
+            elif outcome.status == "failed":
+                report.failed.append({"path": rel, "error": outcome.error})
+            elif outcome.status == "skipped":
+                report.skipped += 1
+            elif outcome.status == "already":
+                report.already += 1
+            else:
+                report.rewrapped += 1
+                report.moved += outcome.status == "moved"
             if progress:
                 progress(i + 1, len(files))
         sync_filesystem(tree_fd)
@@ -123,28 +108,84 @@ def rewrap(
     return report
 
 
-def _wrap_under(provider: Pkcs11Provider, target: KeyRef) -> Callable[[bytearray], Wrapped]:
-    return lambda dek: provider.wrap(target, dek)
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    status: str  # rewrapped | moved | already | skipped | busy | failed
+    error: str = ""
 
 
-def _newest(fd: int) -> tuple[str, int]:
-    slot = parse_header(pread_exact(fd, HEADER_LEN, 0)).candidates()[0][1]
-    return slot.domain, slot.kek_version
-
-
-def _wanted(fd: int, domain: str, path_domain: str, from_version: int | None) -> bool:
-    """Whether a file belongs to this run (by its header's domain or its path's domain)."""
+def _one(
+    provider: Pkcs11Provider, path: str, path_domain: str, domain: str | None, from_version: int | None
+) -> _Outcome:
     try:
-        header_domain, version = _newest(fd)
-    except VcfsError:
-        return True  # let rewrap_header report it
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError as exc:
+        return _Outcome("failed", exc.strerror or "open failed")
+    try:
+        header = lock_header(fd)
+        if not _wanted(header, domain, path_domain, from_version):
+            return _Outcome("skipped")
+        target = provider.current(path_domain)
+        old, active, other = _rewrap_fd(provider, fd, path, header, target)
+        if other not in (None, target.domain):
+            os.fdatasync(fd)  # the new slot is durable before the old domain's goes
+            erase_other_slot(fd, active)
+        if old == target:
+            return _Outcome("already")
+        return _Outcome("moved" if old.domain != target.domain else "rewrapped")
+    except BlockingIOError:
+        return _Outcome("busy")  # open in the mounted daemon: rerun once it is closed
+    except VcfsError as exc:
+        return _Outcome("failed", exc.message)
+    finally:
+        os.close(fd)
+
+
+def _regular_files(root: str) -> list[str]:
+    """Every regular file under ``root``, in a stable order (plain strings: 10k Path objects cost)."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = os.path.join(dirpath, name)
+            try:
+                if stat.S_ISREG(os.lstat(path).st_mode):
+                    out.append(path)
+            except FileNotFoundError:
+                continue
+    return out
+
+
+def _wanted(header: Header, domain: str | None, path_domain: str, from_version: int | None) -> bool:
+    """Whether a file belongs to this run (by its header's domain or its path's domain)."""
+    if domain is None:
+        return True
+    slot = header.candidates()[0][1]
     if from_version is not None:
-        return (header_domain, version) == (domain, from_version)
-    return domain in (header_domain, path_domain)
+        return (slot.domain, slot.kek_version) == (domain, from_version)
+    return domain in (slot.domain, path_domain)
 
 
-def _foreign_slot(fd: int, active: int, domain: str) -> bool:
-    """Whether the header's other slot names another domain (unauthenticated; only erased)."""
-    header = parse_header(pread_exact(fd, HEADER_LEN, 0))
-    other = header.slots[1 - active]
-    return other is not None and other.domain != domain
+def _rewrap_fd(
+    provider: Pkcs11Provider, fd: int, path: str, header: Header, target: KeyRef
+) -> tuple[KeyRef, int, str | None]:
+    """(KEK the file was under, slot now holding the target, domain of the other slot)."""
+    index, slot = header.candidates()[0]
+    old = KeyRef(slot.domain, slot.kek_version)
+    other = header.slots[1 - index]
+    wrapped = Wrapped(old, slot.wrap_alg, slot.wrapped)
+    try:
+        if old == target:
+            if seal_rewrapped_slot(header, index, provider.unwrap(wrapped), None) is None:
+                return old, index, other.domain if other is not None else None
+        else:
+            dek, new = provider.rewrap(wrapped, target)
+            encoded = seal_rewrapped_slot(header, index, dek, new)
+            assert encoded is not None
+            pwrite_all(fd, encoded, slot_offset(1 - index))
+            return old, 1 - index, old.domain
+    except HeaderAuthError:
+        pass
+    # The newest slot is damaged (or a crash trace): the one-file path tries both slots.
+    done = rewrap_header(fd, path, provider.unwrap, target, lambda dek: provider.wrap(target, dek), sync=False)
+    return done.old, done.active, done.other_domain

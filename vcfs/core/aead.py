@@ -57,32 +57,22 @@ def wipe(buf: bytearray) -> None:
 
 
 @dataclass(frozen=True, slots=True)
-class FileKeys:
-    """The keys of one file, derived from its DEK. Holds secrets: never log or repr it.
+class HeaderKeys:
+    """What a header needs of a file's keys: the slot MAC key and the key commitment.
 
-    ``mac_key`` is a mutable buffer so that ``wipe()`` can overwrite it when the file closes;
-    the content key lives inside ``cryptography``'s AESGCM object, which offers no wipe.
+    Enough to authenticate and rewrite key slots (rewrap) without deriving the content key.
+    ``mac_key`` is a mutable buffer so that ``wipe()`` can overwrite it when the file closes.
+    Holds secrets: never log or repr it.
     """
 
-    content: AESGCM
     mac_key: bytearray
     commitment: bytes
 
+    def __repr__(self) -> str:  # keep key bytes out of logs and tracebacks
+        return f"{type(self).__name__}(<secret>)"
+
     def wipe(self) -> None:
         wipe(self.mac_key)
-
-    def __repr__(self) -> str:  # keep key bytes out of logs and tracebacks
-        return "FileKeys(<secret>)"
-
-    def seal(self, nonce: bytes, plaintext: bytes | bytearray | memoryview, aad: bytes) -> bytes:
-        """AES-256-GCM: returns ciphertext || 16-byte tag."""
-        return self.content.encrypt(nonce, plaintext, aad)
-
-    def open(self, nonce: bytes | memoryview, sealed: bytes | memoryview, aad: bytes) -> bytes:
-        try:
-            return self.content.decrypt(nonce, sealed, aad)
-        except InvalidTag:
-            raise AuthFailed from None
 
     def mac(self, data: bytes) -> bytes:
         h = crypto_hmac.HMAC(self.mac_key, hashes.SHA256())
@@ -96,13 +86,41 @@ class FileKeys:
         return hmac.compare_digest(self.commitment, stored)
 
 
+@dataclass(frozen=True, slots=True, repr=False)
+class FileKeys(HeaderKeys):
+    """The keys of one file, derived from its DEK: the header keys plus the block content key.
+
+    The content key lives inside ``cryptography``'s AESGCM object, which offers no wipe.
+    """
+
+    content: AESGCM
+
+    def seal(self, nonce: bytes, plaintext: bytes | bytearray | memoryview, aad: bytes) -> bytes:
+        """AES-256-GCM: returns ciphertext || 16-byte tag."""
+        return self.content.encrypt(nonce, plaintext, aad)
+
+    def open(self, nonce: bytes | memoryview, sealed: bytes | memoryview, aad: bytes) -> bytes:
+        try:
+            return self.content.decrypt(nonce, sealed, aad)
+        except InvalidTag:
+            raise AuthFailed from None
+
+
+def derive_header_keys(dek: bytes | bytearray, file_id: bytes) -> HeaderKeys:
+    if len(dek) != DEK_LEN:
+        raise ValueError("DEK must be 32 bytes")
+    return HeaderKeys(
+        mac_key=bytearray(_hkdf(dek, file_id, INFO_HEADER_MAC)), commitment=_hkdf(dek, file_id, INFO_COMMITMENT)
+    )
+
+
 def derive_file_keys(dek: bytes | bytearray, file_id: bytes) -> FileKeys:
     if len(dek) != DEK_LEN:
         raise ValueError("DEK must be 32 bytes")
     return FileKeys(
-        content=AESGCM(_hkdf(dek, file_id, INFO_CONTENT)),
         mac_key=bytearray(_hkdf(dek, file_id, INFO_HEADER_MAC)),
         commitment=_hkdf(dek, file_id, INFO_COMMITMENT),
+        content=AESGCM(_hkdf(dek, file_id, INFO_CONTENT)),
     )
 
 

@@ -21,6 +21,7 @@ C_UnwrapKey. File data is never encrypted by the token.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 from collections.abc import Callable
@@ -185,6 +186,11 @@ _TRANSIT_KEK_TEMPLATE = {**SESSION_KEK_TEMPLATE, Attribute.EXTRACTABLE: True}
 _DEK_TEMPLATE = {Attribute.SENSITIVE: False, Attribute.EXTRACTABLE: True, Attribute.TOKEN: False}
 
 
+@functools.cache
+def _mech(code: int) -> Mechanism:
+    return Mechanism(code)
+
+
 def unavailable(what: str, exc: BaseException) -> HsmUnavailableError:
     return HsmUnavailableError(
         f"HSM unavailable: {what} ({type(exc).__name__})",
@@ -243,7 +249,7 @@ def new_wrapped_kek(session: Any, master: Any, mechanism: int) -> bytes:
         try:
             kek = session.generate_key(KeyType.AES, 256, store=False, template=_TRANSIT_KEK_TEMPLATE)
             try:
-                return bytes(master.wrap_key(kek, mechanism=Mechanism(mechanism)))
+                return bytes(master.wrap_key(kek, mechanism=_mech(mechanism)))
             finally:
                 kek.destroy()
         except p11e.PKCS11Error as exc:
@@ -260,7 +266,7 @@ def load_wrapped_kek(master: Any, blob: bytes, mechanism: int, name: str) -> Any
                 ObjectClass.SECRET_KEY,
                 KeyType.AES,
                 blob,
-                mechanism=Mechanism(mechanism),
+                mechanism=_mech(mechanism),
                 store=False,
                 template=SESSION_KEK_TEMPLATE,
             )
@@ -283,12 +289,12 @@ def rewrap_kek_blob(old_master: Any, new_master: Any, blob: bytes, mechanism: in
                 ObjectClass.SECRET_KEY,
                 KeyType.AES,
                 blob,
-                mechanism=Mechanism(mechanism),
+                mechanism=_mech(mechanism),
                 store=False,
                 template=_TRANSIT_KEK_TEMPLATE,
             )
             try:
-                return bytes(new_master.wrap_key(kek, mechanism=Mechanism(mechanism)))
+                return bytes(new_master.wrap_key(kek, mechanism=_mech(mechanism)))
             finally:
                 kek.destroy()
         except p11e.PKCS11Error as exc:
@@ -312,7 +318,7 @@ def wrap_dek(session: Any, kek: Any, dek: bytes | bytearray, mechanism: int, nam
                 }
             )
             try:
-                return bytes(kek.wrap_key(obj, mechanism=Mechanism(mechanism)))
+                return bytes(kek.wrap_key(obj, mechanism=_mech(mechanism)))
             finally:
                 obj.destroy()
         except p11e.PKCS11Error as exc:
@@ -331,7 +337,7 @@ def unwrap_dek(kek: Any, blob: bytes, mechanism: int, name: str) -> bytearray:
                 ObjectClass.SECRET_KEY,
                 KeyType.AES,
                 blob,
-                mechanism=Mechanism(mechanism),
+                mechanism=_mech(mechanism),
                 store=False,
                 template=_DEK_TEMPLATE,
             )
@@ -341,6 +347,40 @@ def unwrap_dek(kek: Any, blob: bytes, mechanism: int, name: str) -> bytearray:
             raise HeaderAuthError(f"the DEK does not unwrap under KEK {name}: wrong key or modified header") from None
         try:
             return bytearray(obj[Attribute.VALUE])
+        finally:
+            obj.destroy()
+
+
+def rewrap_dek(
+    old_kek: Any, new_kek: Any, blob: bytes, old_mech: int, new_mech: int, name: str
+) -> tuple[bytearray, bytes]:
+    """Unwrap a DEK and wrap the very same token object under another KEK (rewrap).
+
+    Four token calls (unwrap, read value, wrap, destroy) instead of six for an unwrap and a
+    wrap done apart. The value is returned so the caller can authenticate the header before it
+    uses the new wrapping.
+    """
+    with _LOCK:
+        try:
+            obj = old_kek.unwrap_key(
+                ObjectClass.SECRET_KEY,
+                KeyType.AES,
+                blob,
+                mechanism=_mech(old_mech),
+                store=False,
+                template=_DEK_TEMPLATE,
+            )
+        except p11e.PKCS11Error as exc:
+            if is_gone(exc):
+                raise unavailable(f"cannot unwrap under KEK {name}", exc) from None
+            raise HeaderAuthError(f"the DEK does not unwrap under KEK {name}: wrong key or modified header") from None
+        try:
+            dek = bytearray(obj[Attribute.VALUE])
+            return dek, bytes(new_kek.wrap_key(obj, mechanism=_mech(new_mech)))
+        except p11e.PKCS11Error as exc:
+            if is_gone(exc):
+                raise unavailable("cannot rewrap a DEK", exc) from None
+            raise KeyProviderError(f"HSM refused to rewrap a DEK: {type(exc).__name__}") from None
         finally:
             obj.destroy()
 

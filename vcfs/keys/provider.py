@@ -197,6 +197,11 @@ class Pkcs11Provider:
         self._loaded[ref] = (key, link.epoch)
         return key, spec
 
+    def key_object(self, ref: KeyRef) -> tuple[Any, int]:
+        """The token object of a loaded KEK and its mechanism (diagnostics and benchmarks)."""
+        key, spec = self._call(ref.domain, lambda: self._kek(ref))
+        return key, spec.mechanism
+
     def load(self, ref: KeyRef) -> None:
         """Find or unwrap the KEK now, so a missing or broken one fails at start, not later."""
         self._call(ref.domain, lambda: self._kek(ref))
@@ -278,16 +283,13 @@ class Pkcs11Provider:
 
     # ---- the KeyProvider interface -------------------------------------------------------
 
-    def wrap(self, ref: KeyRef, dek: bytes | bytearray) -> Wrapped:
+    def _check_wrap_target(self, ref: KeyRef) -> None:
         spec = self._specs.get(ref)
         if spec is not None and spec.state not in (STATE_ACTIVE, STATE_DESTROYED):
             raise KeyProviderError(f"KEK {ref} is {spec.state}: it only unwraps, it wraps no new keys")
 
-        def do() -> bytes:
-            kek, spec = self._kek(ref)
-            return p11.wrap_dek(self._link(ref.domain).get(), kek, dek, spec.mechanism, str(ref))
-
-        blob = self._call(ref.domain, do)
+    @staticmethod
+    def _check_rfc5649(ref: KeyRef, dek: bytes | bytearray, blob: bytes) -> None:
         if len(blob) != len(dek) + 8:
             # RFC 5649 adds exactly 8 bytes to a 32-byte key. Tokens that give 0x210A another meaning
             # (PKCS#11 3.x: PKCS#7 padding + RFC 3394) would otherwise be recorded as RFC 5649.
@@ -295,6 +297,16 @@ class Pkcs11Provider:
                 f"wrap mechanism of KEK {ref} does not produce RFC 5649 output",
                 hint="set the KEK's mechanism to the token's RFC 5649 code (0x210B on PKCS#11 3.x tokens)",
             )
+
+    def wrap(self, ref: KeyRef, dek: bytes | bytearray) -> Wrapped:
+        self._check_wrap_target(ref)
+
+        def do() -> bytes:
+            kek, spec = self._kek(ref)
+            return p11.wrap_dek(self._link(ref.domain).get(), kek, dek, spec.mechanism, str(ref))
+
+        blob = self._call(ref.domain, do)
+        self._check_rfc5649(ref, dek, blob)
         events.emit(events.KEY_WRAP, domain=ref.domain, version=ref.version)
         return Wrapped(ref, WRAP_PKCS11_AES_KWP, blob)
 
@@ -311,6 +323,29 @@ class Pkcs11Provider:
         dek = self._call(wrapped.ref.domain, do)
         events.emit(events.KEY_UNWRAP, domain=wrapped.ref.domain, version=wrapped.ref.version)
         return dek
+
+    def rewrap(self, wrapped: Wrapped, target: KeyRef) -> tuple[bytearray, Wrapped]:
+        """The DEK of ``wrapped`` and its wrapping under ``target``, in one trip through the token.
+
+        Both KEKs must be in one token (a rewrap within a domain); across tokens, unwrap and wrap.
+        """
+        self._check_wrap_target(target)
+        if self._link(wrapped.ref.domain) is not self._link(target.domain):
+            dek = self.unwrap(wrapped)
+            return dek, self.wrap(target, dek)
+
+        def do() -> tuple[bytearray, bytes]:
+            old_kek, old_spec = self._kek(wrapped.ref)
+            new_kek, new_spec = self._kek(target)
+            return p11.rewrap_dek(
+                old_kek, new_kek, wrapped.blob, old_spec.mechanism, new_spec.mechanism, str(wrapped.ref)
+            )
+
+        dek, blob = self._call(target.domain, do)
+        self._check_rfc5649(target, dek, blob)
+        events.emit(events.KEY_UNWRAP, domain=wrapped.ref.domain, version=wrapped.ref.version)
+        events.emit(events.KEY_WRAP, domain=target.domain, version=target.version)
+        return dek, Wrapped(target, WRAP_PKCS11_AES_KWP, blob)
 
     def self_test(self, domain: str) -> None:
         """Wrap and unwrap a throwaway key so a broken HSM fails at start, not at first write."""
