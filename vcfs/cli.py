@@ -81,8 +81,16 @@ def _domain_arg(text: str) -> tuple[str, list[str]]:
     return name, [p for p in prefixes.split(",") if p]
 
 
+class _Parser(argparse.ArgumentParser):
+    """No abbreviated options: ``--pin 1234`` must not quietly become ``--pin-file 1234``."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="vcfs", description="Transparent encrypting filesystem for recordings (AES-256-GCM, keys in an HSM)."
     )
     parser.add_argument("--version", action="version", version=f"vcfs {__version__}")

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from vcfs import events
-from vcfs.cryptfile import SEAL_RESERVE_STEP, CryptFile, new_file_header
+from vcfs.cryptfile import SEAL_RESERVE_STEP, CryptFile, new_file_header, renew_threshold
 from vcfs.keys.base import KeyRef, Wrapped
 from vcfs.store import RENAME_EXCHANGE, fsync_dir, pwrite_all, renameat2
 from vcfs.storelayout import renew_path
@@ -62,8 +62,8 @@ class DekRenewer:
 
     def renew(self, cf: CryptFile) -> bool:
         st = os.fstat(cf.fd)
-        if cf.torn_tail or st.st_nlink != 1:
-            return False
+        if cf.torn_tail or st.st_nlink != 1 or cf.disk_blocks * 2 > renew_threshold(cf.seal_budget):
+            return False  # (a copy of a file that large would use up most of the new budget itself)
         path = os.readlink(f"/proc/self/fd/{cf.fd}")
         if path.endswith(" (deleted)") or not os.path.exists(path):
             return False

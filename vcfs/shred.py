@@ -27,12 +27,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from vcfs import events
+from vcfs.config import CONFIG_NAME
 from vcfs.core.header import SLOT_COUNT, SLOT_LEN, parse_preamble, slot_offset
 from vcfs.core.layout import HEADER_LEN
 from vcfs.errors import FormatError, UsageError
 from vcfs.offline import find_store
 from vcfs.store import pread_exact, pwrite_all
-from vcfs.storelayout import tree_path
+from vcfs.storelayout import TREE_DIR, tree_path
 
 
 @dataclass
@@ -71,6 +72,8 @@ def resolve(path: Path) -> tuple[Path, Path, Path]:
     if mount is not None:
         backing, mnt = mount
         return tree_path(backing) / absolute.relative_to(mnt), absolute, tree_path(backing)
+    if absolute.name == TREE_DIR and (absolute.parent / CONFIG_NAME).exists():
+        return absolute, absolute, absolute  # the tree itself (refused by the caller)
     backing, rel = find_store(absolute)
     return tree_path(backing) / rel, absolute, tree_path(backing)
 

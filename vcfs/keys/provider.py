@@ -161,7 +161,16 @@ class Pkcs11Provider:
         label = self._domains[domain].masters.get(version)
         if label is None:
             raise KeyProviderError(f"master key {domain}/m{version} is not known to the keystore")
-        key = p11.find_kek(session, Pkcs11Uri(token=link.token, object=label))
+        try:
+            key = p11.find_kek(session, Pkcs11Uri(token=link.token, object=label))
+        except HsmUnavailableError:
+            raise
+        except KeyProviderError:
+            raise KeyProviderError(
+                f"master key {domain}/m{version} ({label}) is not in token {link.token!r}",
+                hint="it was destroyed by a master-key rotation (this keystore copy is older), or the token is "
+                "not this store's",
+            ) from None
         p11.check_kek_attributes(key, f"master key {domain}/m{version}")
         self._masters[(domain, version)] = (key, link.epoch)
         return key
