@@ -26,7 +26,6 @@ from vcfs.fsck import fsck
 from vcfs.keys import embedded
 from vcfs.keys.keystore import save_keystore
 from vcfs.keys.setup import HostKeyOptions, NewDomain, create_domain, store_keystore
-from vcfs.mount import MountOptions, mounted_vcfs, serve
 from vcfs.offline import OfflineStore, find_store, open_store
 from vcfs.rewrap import rewrap
 from vcfs.shred import shred
@@ -331,6 +330,8 @@ def _daemon_log(args: argparse.Namespace) -> Path:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
+    from vcfs.mount import MountOptions, serve  # pyfuse3 and trio load only for the commands that need them
+
     opts = MountOptions(
         backing=args.backing.resolve(),
         mountpoint=args.mountpoint.resolve(),
@@ -400,6 +401,8 @@ def _spawn_daemon(args: argparse.Namespace) -> int:
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
+    from vcfs.mount import mounted_vcfs
+
     mp: Path = args.mountpoint
     if not mounted_vcfs(mp):
         raise UsageError(f"{mp} is not a vcfs mount")
