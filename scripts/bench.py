@@ -307,6 +307,8 @@ def main() -> int:
     ap.add_argument("--out", default="bench-results", help="directory for JSON and PNG")
     ap.add_argument("--rewrap", type=int, metavar="N", help="only the rewrap workload: N files (e.g. 10000), "
                     "headers/s against the HSM's unwrap+wrap ceiling; writes OUT/rewrap.json")
+    ap.add_argument("--rewrap-jobs", type=int, default=2, metavar="J", help="worker processes for the second "
+                    "rewrap of each round (default 2)")
     args = ap.parse_args()
     size = int(args.size) * MiB
     work = Path(args.workdir)
@@ -317,7 +319,7 @@ def main() -> int:
         sys.path.insert(0, str(ROOT / "scripts"))
         import bench_rewrap
 
-        data = bench_rewrap.run(work, args.rewrap, args.repeat)
+        data = bench_rewrap.run(work, args.rewrap, args.repeat, args.rewrap_jobs)
         out = Path(args.out)
         out.mkdir(exist_ok=True)
         (out / "rewrap.json").write_text(json.dumps(data, indent=2))

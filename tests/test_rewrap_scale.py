@@ -61,8 +61,9 @@ def test_rewrap_many_files_killed_midway_then_resumed(store: Path) -> None:
     blocks = {i: _path(tree, i).read_bytes()[HEADER_LEN:] for i in range(0, N, 7)}
     run_vcfs("keys", "rotate", str(store), "default")
 
-    marker = _path(tree, N // 3)  # files are rewrapped in path order
-    with subprocess.Popen([*VCFS, "keys", "rewrap", str(store)], stdout=subprocess.DEVNULL) as proc:
+    marker = _path(tree, N // 3)  # files are rewrapped in path order (two workers: roughly)
+    cmd = [*VCFS, "keys", "rewrap", str(store), "--jobs", "2"]
+    with subprocess.Popen(cmd, stdout=subprocess.DEVNULL) as proc:
         deadline = time.monotonic() + 120
         while _version(marker) != 2 and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.005)
@@ -71,6 +72,8 @@ def test_rewrap_many_files_killed_midway_then_resumed(store: Path) -> None:
     half = usage_by_version(store)
     assert 0 < half.get(KeyRef("default", 2), 0) < N  # really killed midway
     assert sum(half.values()) == N  # and every header still names a KEK
+    time.sleep(0.5)
+    assert usage_by_version(store) == half  # the workers died with it
 
     res = run_vcfs("keys", "rewrap", str(store), "--json", timeout=300)
     report = json.loads(res.stdout)

@@ -232,6 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("backing", type=Path, metavar="BACKING")
     p.add_argument("domain", nargs="?", metavar="DOMAIN")
     p.add_argument("--from", dest="from_version", type=int, metavar="VERSION", help="only files under VERSION")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="worker processes, each with its own HSM session (default 1; more keeps a slow HSM busy)",
+    )
     p.add_argument("--json", action="store_true", help="print a machine-readable summary")
     _key_options(p)
     p = ksub.add_parser("retire", help="make a KEK version decrypt-only (an archive)")
@@ -540,7 +547,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
         print(f"rewrap existing files with: vcfs keys rewrap {args.backing} {args.domain}")
         return 0
     if action == "rewrap":
-        report = rewrap(backing, args.domain, args.from_version, _opts(args), _progress("rewrap"))
+        report = rewrap(backing, args.domain, args.from_version, _opts(args), _progress("rewrap"), args.jobs)
         if args.json:
             print(json.dumps(report.to_json(), indent=2))
         else:

@@ -24,7 +24,10 @@ hand-offs cost more than the overlap gained.
 
 from __future__ import annotations
 
+import ctypes
+import multiprocessing
 import os
+import signal
 import stat
 import time
 from collections.abc import Callable
@@ -42,6 +45,8 @@ from vcfs.keys.setup import HostKeyOptions, open_provider
 from vcfs.store import pwrite_all, sync_filesystem
 from vcfs.storelayout import tree_path
 
+CHUNK = 256  # files per progress update (and per task for worker processes)
+
 
 @dataclass
 class RewrapReport:
@@ -57,6 +62,29 @@ class RewrapReport:
     def exit_code(self) -> int:
         return 2 if self.failed else (1 if self.busy else 0)
 
+    @property
+    def total(self) -> int:
+        return self.rewrapped + self.already + self.skipped + len(self.busy) + len(self.failed)
+
+    def add(self, rel: str, outcome: _Outcome) -> None:
+        if outcome.status == "busy":
+            self.busy.append(rel)
+        elif outcome.status == "failed":
+            self.failed.append({"path": rel, "error": outcome.error})
+        elif outcome.status == "skipped":
+            self.skipped += 1
+        elif outcome.status == "already":
+            self.already += 1
+        else:
+            self.rewrapped += 1
+            self.moved += outcome.status == "moved"
+
+    def merge(self, part: RewrapReport) -> None:
+        for name in ("rewrapped", "moved", "already", "skipped"):
+            setattr(self, name, getattr(self, name) + getattr(part, name))
+        self.busy += part.busy
+        self.failed += part.failed
+
     def to_json(self) -> dict[str, object]:
         return {**asdict(self), "exit_code": self.exit_code}
 
@@ -67,45 +95,112 @@ def rewrap(
     from_version: int | None,
     opts: HostKeyOptions,
     progress: Callable[[int, int], None] | None = None,
+    jobs: int = 1,
 ) -> RewrapReport:
-    """Rewrap every header (of ``domain_name``, or of every domain) under the current KEK."""
+    """Rewrap every header (of ``domain_name``, or of every domain) under the current KEK.
+
+    ``jobs`` > 1 spreads the files over that many worker processes, each with its own PKCS#11
+    session (one thread per process still talks to the token): the way to keep a slow or
+    remote HSM busy, which a single session leaves idle between calls.
+    """
     cfg = load_config(backing)
     if domain_name is not None:
         domain_of(cfg, domain_name)
     elif from_version is not None:
         raise UsageError("--from needs a DOMAIN", hint=f"vcfs keys rewrap {backing} DOMAIN --from {from_version}")
-    dmap = cfg.domain_map()
+    if jobs < 1:
+        raise UsageError("--jobs must be at least 1")
     tree = tree_path(backing)
-    root = str(tree)
-    files = _regular_files(root)
+    files = _regular_files(str(tree))
     report = RewrapReport()
     started = time.monotonic()
-    provider = open_provider(cfg, opts)
     tree_fd = os.open(tree, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        for i, path in enumerate(files):
-            rel = path[len(root) + 1 :]
-            path_domain = dmap.domain_of("/" + rel)
-            outcome = _one(provider, path, path_domain, domain_name, from_version)
-            if outcome.status == "busy":
-                report.busy.append(rel)
-            elif outcome.status == "failed":
-                report.failed.append({"path": rel, "error": outcome.error})
-            elif outcome.status == "skipped":
-                report.skipped += 1
-            elif outcome.status == "already":
-                report.already += 1
-            else:
-                report.rewrapped += 1
-                report.moved += outcome.status == "moved"
-            if progress:
-                progress(i + 1, len(files))
-        sync_filesystem(tree_fd)
+        job = _Job(backing, opts, domain_name, from_version)
+        if jobs == 1:
+            job.start()
+            try:
+                _run_serial(job, files, report, progress)
+            finally:
+                job.close()
+        else:
+            _run_parallel(job, files, report, progress, jobs)
+        sync_filesystem(tree_fd)  # every new slot durable before rewrap reports it done
     finally:
         os.close(tree_fd)
-        provider.close()
     report.seconds = round(time.monotonic() - started, 3)
     return report
+
+
+class _Job:
+    """One process's share of a rewrap: its own provider (session) and the store's domain map."""
+
+    def __init__(self, backing: Path, opts: HostKeyOptions, domain: str | None, from_version: int | None) -> None:
+        self.backing, self.opts, self.domain, self.from_version = backing, opts, domain, from_version
+        self.root = str(tree_path(backing))
+        self.provider: Pkcs11Provider | None = None
+
+    def start(self) -> None:
+        cfg = load_config(self.backing)
+        self.dmap = cfg.domain_map()
+        self.provider = open_provider(cfg, self.opts)
+
+    def close(self) -> None:
+        if self.provider is not None:
+            self.provider.close()
+
+    def run(self, paths: list[str]) -> RewrapReport:
+        assert self.provider is not None
+        part = RewrapReport()
+        for path in paths:
+            rel = path[len(self.root) + 1 :]
+            outcome = _one(self.provider, path, self.dmap.domain_of("/" + rel), self.domain, self.from_version)
+            part.add(rel, outcome)
+        return part
+
+
+def _run_serial(job: _Job, files: list[str], report: RewrapReport, progress: Callable[[int, int], None] | None) -> None:
+    for i in range(0, len(files), CHUNK):
+        report.merge(job.run(files[i : i + CHUNK]))
+        if progress:
+            progress(min(i + CHUNK, len(files)), len(files))
+
+
+_WORKER: _Job | None = None
+
+
+def _worker_start(job: _Job) -> None:
+    global _WORKER
+    _die_with_parent()
+    job.start()
+    _WORKER = job
+
+
+def _worker_run(paths: list[str]) -> RewrapReport:
+    assert _WORKER is not None
+    return _WORKER.run(paths)
+
+
+def _die_with_parent() -> None:
+    """A worker must not outlive a rewrap that was killed (kill -9 included): PR_SET_PDEATHSIG."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    if os.getppid() == 1:
+        os._exit(1)  # the parent died before prctl took effect
+
+
+def _run_parallel(
+    job: _Job, files: list[str], report: RewrapReport, progress: Callable[[int, int], None] | None, jobs: int
+) -> None:
+    ctx = multiprocessing.get_context("spawn")  # never fork a process that has a PKCS#11 library loaded
+    chunks = [files[i : i + CHUNK] for i in range(0, len(files), CHUNK)]
+    done = 0
+    with ctx.Pool(jobs, initializer=_worker_start, initargs=(job,)) as pool:
+        for part in pool.imap_unordered(_worker_run, chunks):
+            report.merge(part)
+            done += part.total
+            if progress:
+                progress(done, len(files))
 
 
 @dataclass(frozen=True, slots=True)
