@@ -145,9 +145,18 @@ class Pkcs11Provider:
         return self._links[(d.module, d.token)]
 
     def session_for(self, domain: str) -> Any:
-        """The logged-in session of ``domain``'s token (key management: generate, destroy)."""
+        """The logged-in session of ``domain``'s token (key management: generate, destroy).
+
+        A token label is accepted too, for callers that think in tokens (e.g. an HMAC key
+        kept in the token that holds the default domain's keys).
+        """
         with p11._LOCK:
-            return self._link(domain).get()
+            if domain in self._domains:
+                return self._link(domain).get()
+            for link in self._links.values():
+                if link.token == domain:
+                    return link.get()
+            raise KeyProviderError(f"no key domain or token named {domain!r} in this store")
 
     # ---- keys ----------------------------------------------------------------------------
 
