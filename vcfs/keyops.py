@@ -280,13 +280,13 @@ def rotate_master(backing: Path, domain_name: str, opts: HostKeyOptions) -> tupl
             keys.master_current = version
             save_keystore(ks)  # the new wrapped copies are durable before any old master goes
             events.emit(events.KEY_ROTATE, domain=domain.name, version=version, previous=previous, tier="master")
-            _destroy_old_masters(provider, ks, domain, session)
+            _destroy_old_masters(ks, domain, session)
         finally:
             provider.close()
     return version, moved
 
 
-def _destroy_old_masters(provider: object, ks: Keystore, domain: DomainConfig, session: object) -> None:
+def _destroy_old_masters(ks: Keystore, domain: DomainConfig, session: object) -> None:
     keys = ks.domain(domain.name)
     for m in keys.masters:
         if m.version != keys.master_current and m.state != STATE_DESTROYED:
