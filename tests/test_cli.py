@@ -80,23 +80,43 @@ def test_missing_token_is_a_clear_error(filled: Mounted, tmp_path: Path, monkeyp
     assert _snapshot(filled.backing) == before
 
 
-def test_missing_kek_is_a_clear_error(filled: Mounted) -> None:
-    conf = filled.backing / "vcfs.conf"
-    conf.write_text(re.sub(r"object=[^;\"]+", "object=no-such-kek", conf.read_text()))
-    _fails(["mount", str(filled.backing), str(filled.mnt)], 4, "KEK .* not found")
+def _keystore(vcfs_home: Path, backing: Path) -> Path:
+    store_id = re.search(r'store_id = "([0-9a-f]+)"', (backing / "vcfs.conf").read_text())
+    assert store_id is not None
+    return vcfs_home / "keystores" / f"{store_id.group(1)}.toml"
 
 
-def test_wrong_kek_is_a_clear_error(filled: Mounted, tmp_path: Path) -> None:
-    """Point the store at another store's KEK in the same token: refused at mount, not at first read."""
-    other = tmp_path / "other"
-    run_vcfs("init", str(other))
-    other_label = re.search(r"object=([^;\"]+)", (other / "vcfs.conf").read_text())
-    assert other_label is not None
+def test_missing_keystore_is_a_clear_error(filled: Mounted, vcfs_home: Path) -> None:
+    ks = _keystore(vcfs_home, filled.backing)
+    saved = ks.read_text()
+    ks.unlink()
+    try:
+        _fails(["mount", str(filled.backing), str(filled.mnt)], 4, "keystore .* has no keys for domain 'default'")
+    finally:
+        ks.write_text(saved)
+
+
+def test_wrong_kek_is_a_clear_error(filled: Mounted, vcfs_home: Path) -> None:
+    """Put KEK v2's wrapped copy in v1's place (same master key): refused at mount by the check value."""
+    run_vcfs("keys", "rotate", str(filled.backing), "default")
     conf = filled.backing / "vcfs.conf"
-    conf.write_text(re.sub(r"object=[^;\"]+", f"object={other_label.group(1)}", conf.read_text()))
+    conf.write_text(conf.read_text().replace("current = 2", "current = 1"))
+    ks = _keystore(vcfs_home, filled.backing)
+    blobs = re.findall(r'blob = "([0-9a-f]+)"', ks.read_text())
+    assert len(blobs) == 2
+    ks.write_text(ks.read_text().replace(blobs[0], "X").replace(blobs[1], blobs[0]).replace("X", blobs[1]))
     before = _snapshot(filled.backing)
     _fails(["mount", str(filled.backing), str(filled.mnt)], 4, "not the key this store was created with")
     assert _snapshot(filled.backing) == before
+
+
+def test_modified_keystore_blob_is_a_clear_error(filled: Mounted, vcfs_home: Path) -> None:
+    ks = _keystore(vcfs_home, filled.backing)
+    blob = re.search(r'blob = "([0-9a-f]+)"', ks.read_text())
+    assert blob is not None
+    flipped = ("0" if blob.group(1)[0] != "0" else "1") + blob.group(1)[1:]
+    ks.write_text(ks.read_text().replace(blob.group(1), flipped))
+    _fails(["mount", str(filled.backing), str(filled.mnt)], 4, "does not unwrap under its master key")
 
 
 def test_busy_mount_point(mounted: Mounted, tmp_path: Path) -> None:

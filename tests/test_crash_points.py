@@ -37,7 +37,7 @@ from vcfs.core.layout import BLOCK_SIZE
 from vcfs.cryptfile import CryptFile, create_cryptfile, open_cryptfile
 from vcfs.errors import IntegrityError
 from vcfs.journal import Journal
-from vcfs.keys.pkcs11 import Pkcs11Provider
+from vcfs.keys.provider import Pkcs11Provider
 from vcfs.keys.setup import HostKeyOptions, open_provider
 
 SECTOR = 512

@@ -17,7 +17,7 @@ from vcfs.config import load_config
 from vcfs.core.layout import BLOCK_OVERHEAD, BLOCK_SIZE, CIPHER_BLOCK_SIZE, HEADER_LEN, block_no_to_cipher_off
 from vcfs.cryptfile import CryptFile, create_cryptfile, open_cryptfile
 from vcfs.errors import BlockAuthError, IntegrityError, TruncatedError
-from vcfs.keys.pkcs11 import Pkcs11Provider
+from vcfs.keys.provider import Pkcs11Provider
 from vcfs.keys.setup import HostKeyOptions, open_provider
 
 

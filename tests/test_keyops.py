@@ -24,12 +24,12 @@ v2 = KeyRef("default", 2)
 
 def _versions(backing: Path) -> dict[int, int]:
     rows = json.loads(run_vcfs("keys", "list", str(backing), "--json").stdout)
-    return {r["version"]: r["files"] for r in rows}
+    return {r["version"]: r["files"] for r in rows if r["tier"] == "kek"}
 
 
 def _states(backing: Path) -> dict[int, str]:
     rows = json.loads(run_vcfs("keys", "list", str(backing), "--json").stdout)
-    return {r["version"]: r["state"] for r in rows}
+    return {r["version"]: r["state"] for r in rows if r["tier"] == "kek"}
 
 
 def test_rotate_while_a_writer_appends(mounted: Mounted) -> None:
@@ -135,3 +135,81 @@ def test_destroy_crypto_shreds_files_and_their_backups(mounted: Mounted, tmp_pat
     res = run_vcfs("decrypt", str(restored / "files" / "secret.mp4"), str(tmp_path / "out"), check=False)
     assert res.returncode == 4 and "Traceback" not in res.stderr
     shutil.rmtree(restored)
+
+
+def _keystore(vcfs_home: Path, backing: Path) -> Path:
+    store_id = (backing / "vcfs.conf").read_text().split('store_id = "')[1].split('"')[0]
+    return vcfs_home / "keystores" / f"{store_id}.toml"
+
+
+def test_keystore_copies_and_master_rotation(mounted: Mounted, vcfs_home: Path, tmp_path: Path) -> None:
+    """What docs/KEYS.md promises about backups: a tar copy of the store holds no KEK; after a
+    destroy, an old keystore copy can still unwrap the KEK until the master key is rotated,
+    and never after."""
+    (mounted.mnt / "old.mp4").write_bytes(b"wrapped under v1" * 1000)
+    mounted.umount()
+    backup = tmp_path / "store.tar"
+    subprocess.run(["tar", "-cf", str(backup), "-C", str(mounted.backing), "."], check=True)
+    assert b"blob" not in backup.read_bytes()  # the store and its backups carry no wrapped KEK
+    keystore = _keystore(vcfs_home, mounted.backing)
+    old_keystore = keystore.read_bytes()
+    run_vcfs("keys", "rotate", str(mounted.backing), "default")
+    run_vcfs("keys", "destroy", str(mounted.backing), "default", "1", "--force")
+    out = tmp_path / "out"
+    res = run_vcfs("decrypt", str(mounted.tree / "old.mp4"), str(out), check=False)
+    assert res.returncode == 4 and "was destroyed" in res.stderr
+    current_keystore = keystore.read_bytes()
+    keystore.write_bytes(old_keystore)  # someone restores a keystore backup from before the destroy...
+    conf = mounted.backing / "vcfs.conf"
+    current_conf = conf.read_text()
+    subprocess.run(["tar", "-xf", str(backup), "-C", str(mounted.backing), "./vcfs.conf"], check=True)
+    run_vcfs("decrypt", str(mounted.tree / "old.mp4"), str(out))  # ...and v1 is back: not shredded yet
+    assert out.read_bytes() == b"wrapped under v1" * 1000
+    keystore.write_bytes(current_keystore)
+    conf.write_text(current_conf)
+    res = run_vcfs("keys", "rotate", str(mounted.backing), "default", "--master")
+    assert "1 KEKs rewrapped" in res.stdout  # v2 only; v1 is gone
+    current_keystore = keystore.read_bytes()
+    keystore.write_bytes(old_keystore)  # the same restore after the master rotation
+    subprocess.run(["tar", "-xf", str(backup), "-C", str(mounted.backing), "./vcfs.conf"], check=True)
+    res = run_vcfs("decrypt", str(mounted.tree / "old.mp4"), str(tmp_path / "never"), check=False)
+    assert res.returncode == 4 and "destroyed by a master-key rotation" in res.stderr
+    assert not (tmp_path / "never").exists()
+    keystore.write_bytes(current_keystore)
+    conf.write_text(current_conf)
+    mounted.mount()
+    (mounted.mnt / "new.mp4").write_bytes(b"v2 under master 2")
+    assert (mounted.mnt / "new.mp4").read_bytes() == b"v2 under master 2"
+
+
+def test_master_rotation_while_mounted_and_writing(mounted: Mounted) -> None:
+    (mounted.mnt / "a").write_bytes(b"a" * 70000)
+    with open(mounted.mnt / "rec", "ab") as rec:
+        rec.write(b"1" * 100000)
+        run_vcfs("keys", "rotate", str(mounted.backing), "default", "--master")
+        rec.write(b"2" * 100000)
+    (mounted.mnt / "b").write_bytes(b"b")  # new wraps use the KEK loaded under the new master key
+    rows = json.loads(run_vcfs("keys", "list", str(mounted.backing), "--json").stdout)
+    masters = {r["version"]: r["state"] for r in rows if r["tier"] == "master"}
+    assert masters == {1: "destroyed", 2: "active"}
+    mounted.umount()
+    mounted.mount()
+    assert (mounted.mnt / "a").read_bytes() == b"a" * 70000
+    assert (mounted.mnt / "rec").read_bytes() == b"1" * 100000 + b"2" * 100000
+    assert (mounted.mnt / "b").read_bytes() == b"b"
+
+
+def test_retired_key_wraps_nothing_new(mounted: Mounted) -> None:
+    """Even if the config is edited to make a retired version current, nothing is wrapped under it."""
+    (mounted.mnt / "old").write_bytes(b"under v1")
+    run_vcfs("keys", "rotate", str(mounted.backing), "default")
+    run_vcfs("keys", "retire", str(mounted.backing), "default", "1")
+    conf = mounted.backing / "vcfs.conf"
+    conf.write_text(conf.read_text().replace("current = 2", "current = 1"))
+    with pytest.raises(OSError) as info:
+        (mounted.mnt / "x").write_bytes(b"x")
+    assert info.value.errno == errno.EACCES
+    assert (mounted.mnt / "old").read_bytes() == b"under v1"  # decrypt-only, as an archive
+    conf.write_text(conf.read_text().replace("current = 1", "current = 2"))
+    (mounted.mnt / "y").write_bytes(b"y")
+    assert _versions(mounted.backing) == {1: 1, 2: 1}

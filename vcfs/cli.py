@@ -8,38 +8,97 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import secrets
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vcfs import __version__, auditcli, keyops, mounthelper, runpaths
-from vcfs.config import StoreConfig, save_config
+from vcfs.config import DOMAIN_RE, DomainConfig, StoreConfig, save_config
 from vcfs.control import request as control_request
 from vcfs.errors import MountError, UsageError, VcfsError
 from vcfs.export import decrypt_file, export
 from vcfs.fsck import fsck
 from vcfs.guard import guard_mountpoint
 from vcfs.keys import embedded
-from vcfs.keys.setup import HostKeyOptions, init_domain
+from vcfs.keys.keystore import save_keystore
+from vcfs.keys.setup import HostKeyOptions, NewDomain, create_domain, store_keystore
 from vcfs.logsetup import error_prefix, setup_daemon_logging
-from vcfs.mount import MountOptions, mount_source, mounted_vcfs, serve
 from vcfs.mountconfig import FUSE_FLAGS, MountConfig, load_mount_config
 from vcfs.offline import OfflineStore, find_store, open_store
+from vcfs.rewrap import rewrap
+from vcfs.shred import shred
 from vcfs.statusview import render_status
 from vcfs.storelayout import lock_path, tree_path
 
+if TYPE_CHECKING:
+    from vcfs.mount import MountOptions
+
 
 def _key_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--pkcs11-module", metavar="PATH", help="PKCS#11 module of the HSM (default: embedded SoftHSM2)")
-    p.add_argument("--pin-file", metavar="FILE", help="file holding the token PIN (mode 0600)")
+    p.add_argument(
+        "--pkcs11-module",
+        metavar="[DOMAIN=]PATH",
+        action="append",
+        default=[],
+        help="PKCS#11 module of the HSM, for every domain or one (default: the store config's; embedded SoftHSM2)",
+    )
+    p.add_argument(
+        "--pin-file",
+        metavar="[DOMAIN=]FILE",
+        action="append",
+        default=[],
+        help="file holding the token PIN (mode 0600), for every domain or one; see docs/CLI.md for other sources",
+    )
+    p.add_argument(
+        "--keystore",
+        metavar="DIR",
+        help="directory of the keystore that holds the wrapped KEKs (default: $VCFS_HOME/keystores)",
+    )
+
+
+def _per_domain(values: list[str]) -> tuple[str | None, tuple[tuple[str, str], ...]]:
+    """``X`` applies to every domain, ``DOMAIN=X`` to one."""
+    common: str | None = None
+    pairs: list[tuple[str, str]] = []
+    for v in values:
+        name, eq, rest = v.partition("=")
+        if eq and DOMAIN_RE.match(name):
+            pairs.append((name, rest))
+        else:
+            common = v
+    return common, tuple(pairs)
+
+
+def _opts(args: argparse.Namespace) -> HostKeyOptions:
+    module, modules = _per_domain(getattr(args, "pkcs11_module", []) or [])
+    pin, pins = _per_domain(getattr(args, "pin_file", []) or [])
+    return HostKeyOptions(module, pin, getattr(args, "keystore", None), pins, modules)
+
+
+def _domain_arg(text: str) -> tuple[str, list[str]]:
+    name, eq, prefixes = text.partition("=")
+    if not eq or not DOMAIN_RE.match(name) or not prefixes:
+        raise argparse.ArgumentTypeError(f"expected NAME=/PREFIX/[,/PREFIX/...], got {text!r}")
+    return name, [p for p in prefixes.split(",") if p]
+
+
+class _Parser(argparse.ArgumentParser):
+    """No abbreviated options: ``--pin 1234`` must not quietly become ``--pin-file 1234``."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="vcfs", description="Transparent encrypting filesystem for recordings (AES-256-GCM, keys in an HSM)."
     )
     parser.add_argument("--version", action="version", version=f"vcfs {__version__}")
@@ -54,6 +113,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("backing", type=Path, metavar="BACKING")
     p.add_argument("--kek", metavar="URI", help="existing KEK as a PKCS#11 URI (pkcs11:token=...;object=...)")
+    p.add_argument("--token", metavar="LABEL", help="token for the store's keys (default: the embedded token 'vcfs')")
+    p.add_argument(
+        "--domain",
+        metavar="NAME=/PREFIX/",
+        type=_domain_arg,
+        action="append",
+        default=[],
+        help="also create key domain NAME for files under PREFIX (repeatable; same token as the default domain; "
+        "a domain on its own HSM is added with 'vcfs keys domain add')",
+    )
     _key_options(p)
 
     p = sub.add_parser(
@@ -93,6 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
         "see docs/AUDIT.md",
     )
     p.add_argument("--audit-dir", type=Path, metavar="DIR", help="keep a tamper-evident audit log in DIR")
+    p.add_argument(
+        "--dek-cache",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="keep an unwrapped DEK this long after its file's last close (default 10; 0: not at all)",
+    )
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     _key_options(p)
 
@@ -161,18 +237,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", metavar="OUT")
     _key_options(p)
 
+    p = sub.add_parser(
+        "shred",
+        help="crypto-shred a file or tree in the store",
+        description="Overwrite the key slots of PATH's backing file (every file of a tree), sync, and remove it. "
+        "PATH is inside a vcfs mount or a store (BACKING/files/...). Backups taken before still hold the wrapped "
+        "key: see docs/KEYS.md. Exit 0: done; 1: some files busy (open in a mount); 2: some failed.",
+    )
+    p.add_argument("path", type=Path, metavar="PATH")
+    p.add_argument("--json", action="store_true", help="print a machine-readable summary")
+
     keys = sub.add_parser(
         "keys",
-        help="KEK lifecycle: list, rotate, rewrap, retire, destroy",
-        description="Manage the store's key-encryption keys. Safe while the store is mounted.",
+        help="key lifecycle: list, rotate, rewrap, retire, destroy, domains",
+        description="Manage the store's master keys, KEKs and key domains. Safe while the store is mounted.",
     )
     ksub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
-    p = ksub.add_parser("list", help="domains, KEK versions, state, age and files per version")
+    p = ksub.add_parser("list", help="domains, master keys, KEK versions, state, age and files per version")
     p.add_argument("backing", type=Path, metavar="BACKING")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p = ksub.add_parser("rotate", help="create a new KEK version and make it current (new files use it at once)")
+    p.add_argument("--keystore", metavar="DIR", help="keystore directory (default: $VCFS_HOME/keystores)")
+    p = ksub.add_parser(
+        "rotate",
+        help="create a new KEK version and make it current (new files use it at once); --master: the master key",
+        description="Create KEK version N+1 of DOMAIN and make it current. With --master, rotate the domain's "
+        "master key instead: every KEK is rewrapped under a new master key (files are not touched) and the old "
+        "master key is destroyed in the HSM, which makes every older copy of the keystore useless.",
+    )
     p.add_argument("backing", type=Path, metavar="BACKING")
     p.add_argument("domain", metavar="DOMAIN")
+    p.add_argument("--master", action="store_true", help="rotate the master key that wraps the KEKs")
     _key_options(p)
     p = ksub.add_parser(
         "rewrap",
@@ -184,12 +278,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("backing", type=Path, metavar="BACKING")
     p.add_argument("domain", nargs="?", metavar="DOMAIN")
     p.add_argument("--from", dest="from_version", type=int, metavar="VERSION", help="only files under VERSION")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="worker processes, each with its own HSM session (default 1; more keeps a slow HSM busy)",
+    )
     p.add_argument("--json", action="store_true", help="print a machine-readable summary")
     _key_options(p)
     p = ksub.add_parser("retire", help="make a KEK version decrypt-only (an archive)")
     p.add_argument("backing", type=Path, metavar="BACKING")
     p.add_argument("domain", metavar="DOMAIN")
     p.add_argument("version", type=int, metavar="VERSION")
+    p.add_argument("--keystore", metavar="DIR", help="keystore directory (default: $VCFS_HOME/keystores)")
     p = ksub.add_parser(
         "destroy",
         help="delete a KEK version from the HSM: crypto-shred what it wraps",
@@ -202,6 +304,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("version", type=int, metavar="VERSION")
     p.add_argument("--force", action="store_true", help="destroy even though files still use it")
     _key_options(p)
+    dom = ksub.add_parser("domain", help="key domains: add one (data residency)")
+    dsub = dom.add_subparsers(dest="domain_command", required=True, metavar="ACTION")
+    p = dsub.add_parser(
+        "add",
+        help="add a key domain for path prefixes, on its own token",
+        description="Add key domain NAME: new files under any --prefix are wrapped under its keys. Without "
+        "--pkcs11-module the token is an embedded SoftHSM2 token (created if missing). Without --kek, a master key "
+        "and KEK v1 are created in the token; with --kek, that existing token KEK is used. Files already under the "
+        "prefixes keep their keys until 'vcfs keys rewrap' moves them to the new domain.",
+    )
+    p.add_argument("backing", type=Path, metavar="BACKING")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--prefix", action="append", required=True, metavar="/PREFIX/", help="plaintext path prefix")
+    p.add_argument("--token", metavar="LABEL", help="token label (default: the embedded token 'vcfs')")
+    p.add_argument("--kek", metavar="URI", help="existing KEK as a PKCS#11 URI instead of a master key + KEK")
+    p.add_argument("--pin-source", metavar="file:PATH", help="where hosts read this domain's PIN (stored in config)")
+    _key_options(p)
     auditcli.add_parser(sub, _key_options)
     return parser
 
@@ -213,16 +332,32 @@ def cmd_init(args: argparse.Namespace) -> int:
             f"{backing} exists and is not an empty directory",
             hint="vcfs init needs a new or empty directory; nothing was changed",
         )
-    opts = HostKeyOptions(args.pkcs11_module, args.pin_file)
+    opts = _opts(args)
     store_id = secrets.token_hex(16)
-    domain = init_domain(store_id, args.kek, opts)
+    cfg = StoreConfig(store_id, {})
+    cfg.domains = {d: DomainConfig(d, "", False, 1, [], prefixes=p) for d, p in args.domain}
+    cfg.domain_map()  # refuses overlapping prefixes before any key is made
+    ks = store_keystore(cfg, opts)
+    wanted = [NewDomain("default", (), args.token, args.kek)]
+    wanted += [NewDomain(name, tuple(prefixes), args.token) for name, prefixes in args.domain]
+    cfg.domains = {}
+    for new in wanted:
+        if new.name in cfg.domains:
+            raise UsageError(f"key domain {new.name!r} is given twice")
+        cfg.domains[new.name] = create_domain(store_id, new, opts, ks)
+    if ks.domains:
+        save_keystore(ks)
     backing.mkdir(parents=True, exist_ok=True)
     tree_path(backing).mkdir(mode=0o755)
-    save_config(backing, StoreConfig(store_id, {domain.name: domain}))
-    kek = domain.keks[0]
+    save_config(backing, cfg)
     print(f"created vcfs store {backing} (id {store_id[:12]})")
-    print(f"  KEK {domain.name}/v{kek.version}: {kek.uri}")
-    if domain.embedded:
+    for d in cfg.domains.values():
+        where = f"files under {', '.join(d.prefixes)}" if d.prefixes else "all other files"
+        stored = f"token object {d.keks[0].uri}" if d.keks[0].uri else "wrapped by its master key in the keystore"
+        print(f"  domain {d.name} ({where}): token {d.token!r}, KEK v1 {stored}")
+    if ks.domains:
+        print(f"  keystore {ks.path} — keep it outside the store and back it up with the token")
+    if any(d.embedded for d in cfg.domains.values()):
         print(
             f"  embedded SoftHSM2 token under {embedded.vcfs_home()} — back it up: without it the store is unreadable"
         )
@@ -239,8 +374,21 @@ def _daemon_log(args: argparse.Namespace, mountpoint: Path) -> Path:
     return logs / f"{name}.log"
 
 
+def _host_keys(args: argparse.Namespace, cfg: MountConfig) -> HostKeyOptions:
+    """Key options from the command line, with the host config's [keys] where the line is silent."""
+    host = _opts(args)
+    return replace(
+        host,
+        pkcs11_module=host.pkcs11_module or cfg.keys.pkcs11_module,
+        pin_file=host.pin_file or cfg.keys.pin_file,
+        keystore=host.keystore or cfg.keys.keystore,
+    )
+
+
 def _mount_options(args: argparse.Namespace) -> MountOptions:
     """The host mount config (if any) with the command line's options laid over it."""
+    from vcfs.mount import MountOptions  # pyfuse3 and trio load only for the commands that need them
+
     cfg = load_mount_config(args.config.resolve()) if args.config else MountConfig()
     if (args.backing is None) != (args.mountpoint is None) and args.config:
         raise UsageError("give both BACKING and MOUNTPOINT, or neither (both from --config)")
@@ -258,7 +406,7 @@ def _mount_options(args: argparse.Namespace) -> MountOptions:
     return MountOptions(
         backing=Path(backing).resolve(),
         mountpoint=Path(mountpoint).resolve(),
-        keys=HostKeyOptions(args.pkcs11_module or cfg.keys.pkcs11_module, args.pin_file or cfg.keys.pin_file),
+        keys=_host_keys(args, cfg),
         allow_other=cfg.mount.allow_other if args.allow_other is None else args.allow_other,
         debug=args.debug or cfg.mount.debug,
         fuse_options=frozenset(flags),
@@ -266,10 +414,13 @@ def _mount_options(args: argparse.Namespace) -> MountOptions:
         control=cfg.control,
         policy_file=args.policy.resolve() if args.policy else cfg.mount.policy,
         audit_dir=args.audit_dir.resolve() if args.audit_dir else cfg.mount.audit_dir,
+        **({"dek_cache_seconds": args.dek_cache} if args.dek_cache is not None else {}),
     )
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
+    from vcfs.mount import serve
+
     opts = _mount_options(args)
     if args.foreground:
         setup_daemon_logging(opts.debug)
@@ -301,14 +452,18 @@ def _spawn_daemon(args: argparse.Namespace, opts: MountOptions) -> int:
         argv += ["--config", str(args.config.resolve())]
     for text in args.fuse_options:
         argv += ["-o", text]
+    for flag, values in (("--pkcs11-module", args.pkcs11_module), ("--pin-file", args.pin_file)):
+        for value in values:
+            argv += [flag, value]
     for flag, value in (
-        ("--pkcs11-module", args.pkcs11_module),
-        ("--pin-file", args.pin_file),
         ("--policy", args.policy and str(args.policy.resolve())),
         ("--audit-dir", args.audit_dir and str(args.audit_dir.resolve())),
     ):
         if value:
             argv += [flag, value]
+    for flag, value in (("--keystore", args.keystore), ("--dek-cache", args.dek_cache)):
+        if value is not None:
+            argv += [flag, str(value)]
     if args.allow_other is not None:
         argv.append("--allow-other" if args.allow_other else "--no-allow-other")
     if args.debug:
@@ -344,11 +499,15 @@ def _daemon_pid(mp: Path) -> int | None:
 
 
 def _lock_of(mp: Path) -> Path | None:
+    from vcfs.mount import mount_source
+
     source = mount_source(mp)
     return lock_path(Path(source)) if source else None
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
+    from vcfs.mount import mounted_vcfs
+
     mp: Path = args.mountpoint
     if not mounted_vcfs(mp):
         raise UsageError(f"{mp} is not a vcfs mount")
@@ -374,6 +533,8 @@ def cmd_umount(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from vcfs.mount import mounted_vcfs
+
     mp: Path = args.mountpoint
     if args.socket is None and not mounted_vcfs(mp):
         raise UsageError(f"{mp} is not a vcfs mount")
@@ -418,7 +579,7 @@ def _progress(label: str, as_bytes: bool = False) -> Callable[[int, int], None] 
 
 
 def _store(args: argparse.Namespace) -> OfflineStore:
-    return open_store(args.backing.resolve(), HostKeyOptions(args.pkcs11_module, args.pin_file))
+    return open_store(args.backing.resolve(), _opts(args))
 
 
 def cmd_fsck(args: argparse.Namespace) -> int:
@@ -464,7 +625,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_decrypt(args: argparse.Namespace) -> int:
     backing, _rel = find_store(args.backing_file)
-    store = open_store(backing, HostKeyOptions(args.pkcs11_module, args.pin_file))
+    store = open_store(backing, _opts(args))
     try:
         size = decrypt_file(store, args.backing_file.resolve(), args.out)
     finally:
@@ -474,23 +635,37 @@ def cmd_decrypt(args: argparse.Namespace) -> int:
     return 0
 
 
-def _opts(args: argparse.Namespace) -> HostKeyOptions:
-    return HostKeyOptions(args.pkcs11_module, args.pin_file)
+def _print_keys(rows: list[dict[str, object]]) -> None:
+    print(f"{'DOMAIN':<12} {'TIER':<6} {'VERSION':>7}  {'STATE':<10} {'CURRENT':<7} {'AGE(d)':>6} {'FILES':>7}  WHERE")
+    for r in rows:
+        age = "" if r["age_days"] is None else r["age_days"]
+        cur = "yes" if r["current"] else ""
+        files = "" if r["files"] is None else r["files"]
+        where = f"token {r['token']}" if r["stored"] == "token" else f"keystore (master m{r['master']})"
+        if r["state"] == "destroyed":
+            where = "-"
+        head = f"{r['domain']:<12} {r['tier']:<6} {r['version']:>7}  {r['state']:<10} {cur:<7}"
+        print(f"{head} {age:>6} {files:>7}  {where}")
+    prefixes = {str(r["domain"]): r["prefixes"] for r in rows}
+    for domain, plist in prefixes.items():
+        assert isinstance(plist, list)
+        print(f"domain {domain}: {', '.join(plist) if plist else '(default: every path under no prefix)'}")
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
     backing = args.backing.resolve()
     action = args.keys_command
     if action == "list":
-        rows = keyops.list_keys(backing)
+        rows = keyops.list_keys(backing, _opts(args))
         if args.json:
             print(json.dumps(rows, indent=2))
-            return 0
-        print(f"{'DOMAIN':<12} {'VERSION':>7}  {'STATE':<10} {'CURRENT':<7} {'AGE(d)':>6} {'FILES':>7}")
-        for r in rows:
-            age = "" if r["age_days"] is None else r["age_days"]
-            cur = "yes" if r["current"] else ""
-            print(f"{r['domain']:<12} {r['version']:>7}  {r['state']:<10} {cur:<7} {age:>6} {r['files']:>7}")
+        else:
+            _print_keys(rows)
+        return 0
+    if action == "rotate" and args.master:
+        version, moved = keyops.rotate_master(backing, args.domain, _opts(args))
+        print(f"master key {args.domain}/m{version} is current; {moved} KEKs rewrapped under it, older master keys")
+        print("destroyed in the HSM: older copies of the keystore can no longer be unwrapped.")
         return 0
     if action == "rotate":
         version = keyops.rotate(backing, args.domain, _opts(args))
@@ -498,24 +673,44 @@ def cmd_keys(args: argparse.Namespace) -> int:
         print(f"rewrap existing files with: vcfs keys rewrap {args.backing} {args.domain}")
         return 0
     if action == "rewrap":
-        report = keyops.rewrap(backing, args.domain, args.from_version, _opts(args), _progress("rewrap"))
+        report = rewrap(backing, args.domain, args.from_version, _opts(args), _progress("rewrap"), args.jobs)
         if args.json:
             print(json.dumps(report.to_json(), indent=2))
         else:
             for f in report.failed:
                 print(f"{f['path']}: {f['error']}")
             print(
-                f"{report.rewrapped} rewrapped, {report.already} already current, {len(report.busy)} busy "
-                f"(open in a mount; run again later), {len(report.failed)} failed"
+                f"{report.rewrapped} rewrapped ({report.moved} moved to another domain), {report.already} already "
+                f"current, {len(report.busy)} busy (open in a mount; run again later), {len(report.failed)} failed "
+                f"({report.seconds:.1f} s)"
             )
         return report.exit_code
     if action == "retire":
-        keyops.retire(backing, args.domain, args.version)
+        keyops.retire(backing, args.domain, args.version, _opts(args))
         print(f"KEK {args.domain}/v{args.version} retired: it still decrypts, it wraps nothing new")
+        return 0
+    if action == "domain":
+        new = NewDomain(args.name, tuple(args.prefix), args.token, args.kek, args.pin_source)
+        domain = keyops.add_domain(backing, new, _opts(args))
+        print(f"key domain {domain.name} added for {', '.join(domain.prefixes)} (token {domain.token!r})")
+        print(f"files already there keep their keys until: vcfs keys rewrap {args.backing} {domain.name}")
         return 0
     shredded = keyops.destroy(backing, args.domain, args.version, args.force, _opts(args))
     print(f"KEK {args.domain}/v{args.version} destroyed; {shredded} files wrapped under it are now unreadable")
     return 0
+
+
+def cmd_shred(args: argparse.Namespace) -> int:
+    report = shred(args.path)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        for b in report.busy:
+            print(f"{b}: open in a mount; close it and run again")
+        for f in report.failed:
+            print(f"{f['path']}: {f['error']}")
+        print(f"{len(report.shredded)} files shredded, {report.removed} other entries removed")
+    return report.exit_code
 
 
 COMMANDS = {
@@ -529,6 +724,7 @@ COMMANDS = {
     "fsck": cmd_fsck,
     "export": cmd_export,
     "decrypt": cmd_decrypt,
+    "shred": cmd_shred,
 }
 
 
@@ -542,6 +738,8 @@ def _fail(exc: VcfsError) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command != "mount":  # the daemon sets up its own logging; commands show warnings plainly
+        logging.basicConfig(level=logging.WARNING, format="vcfs: %(message)s", stream=sys.stderr)
     try:
         return COMMANDS[args.command](args)
     except VcfsError as exc:

@@ -19,14 +19,22 @@ from typing import Any
 
 import tomli_w
 
+from vcfs.domainmap import DomainMap
 from vcfs.errors import ConfigError, UsageError
 from vcfs.keys.base import KEK_STATES
 from vcfs.keys.uri import Pkcs11Uri, parse_pkcs11_uri
+from vcfs.store import replace_file
 from vcfs.storelayout import TREE_DIR, tree_path
 
 CONFIG_NAME = "vcfs.conf"
 CONFIG_MAX_BYTES = 4 << 20  # a real config is a few KiB; refuse what could exhaust memory
-STORE_FORMAT = 1
+# 2 added key domains with path prefixes, a token per domain and KEKs kept wrapped by a master
+# key outside the store (docs/FORMAT.md). A store that uses none of that is still written as 1.
+STORE_FORMAT = 2
+READABLE_FORMATS = (1, 2)
+# Where a domain's KEKs live: wrapped by the domain's master key in the keystore kept outside
+# the backing store (what vcfs creates), or as token objects named by URI (an HSM admin's key).
+KEK_STORE_KEYSTORE, KEK_STORE_TOKEN = "keystore", "token"
 KNOWN_FEATURES = {"encrypted_names"}
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 DOMAIN_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
@@ -35,7 +43,7 @@ DOMAIN_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 @dataclass(frozen=True, slots=True)
 class KekEntry:
     version: int
-    uri: Pkcs11Uri
+    uri: Pkcs11Uri | None  # the token object (kek_store "token"); None for keystore KEKs
     mechanism: int
     check_wrapped: bytes = b""  # a probe key wrapped under this KEK (see aead.kek_check_value)
     check_value: bytes = b""
@@ -51,6 +59,13 @@ class DomainConfig:
     embedded: bool
     current: int
     keks: list[KekEntry] = field(default_factory=list)
+    token: str = ""  # label of the PKCS#11 token holding this domain's keys
+    prefixes: list[str] = field(default_factory=list)  # plaintext path prefixes ("/eu/")
+    kek_store: str = KEK_STORE_TOKEN
+    pin_source: str | None = None  # "file:/path" of this domain's PIN (never the PIN itself)
+
+    def uses_format_2(self) -> bool:
+        return bool(self.prefixes) or self.kek_store != KEK_STORE_TOKEN or self.pin_source is not None
 
 
 @dataclass(slots=True)
@@ -61,9 +76,13 @@ class StoreConfig:
     features: dict[str, bool] = field(default_factory=lambda: {"encrypted_names": False})
     format: int = STORE_FORMAT
 
+    def domain_map(self) -> DomainMap:
+        return DomainMap(self.default_domain, {d.name: d.prefixes for d in self.domains.values()})
+
     def to_toml(self) -> dict[str, Any]:
+        v2 = len(self.domains) > 1 or any(d.uses_format_2() for d in self.domains.values())
         return {
-            "format": self.format,
+            "format": max(self.format, 2 if v2 else 1),
             "store_id": self.store_id,
             "features": dict(self.features),
             "keys": {
@@ -73,10 +92,11 @@ class StoreConfig:
                         "module": d.module,
                         "embedded": d.embedded,
                         "current": d.current,
+                        **_domain_v2_fields(d),
                         "kek": [
                             {
                                 "version": k.version,
-                                "uri": str(k.uri),
+                                **({"uri": str(k.uri)} if k.uri is not None else {}),
                                 "mechanism": k.mechanism,
                                 "check_wrapped": k.check_wrapped.hex(),
                                 "check_value": k.check_value.hex(),
@@ -97,20 +117,19 @@ def config_path(backing: Path) -> Path:
     return backing / CONFIG_NAME
 
 
+def _domain_v2_fields(d: DomainConfig) -> dict[str, Any]:
+    if not d.uses_format_2() and not d.token:
+        return {}
+    out: dict[str, Any] = {"token": d.token, "prefixes": list(d.prefixes), "kek_store": d.kek_store}
+    if d.pin_source:
+        out["pin_source"] = d.pin_source
+    return out
+
+
 def save_config(backing: Path, cfg: StoreConfig) -> None:
     """Replace the config atomically (temp file, fsync, rename, fsync of the directory)."""
     text = "# vcfs store config: no secrets here. See docs/FORMAT.md.\n" + tomli_w.dumps(cfg.to_toml())
-    tmp = backing / (CONFIG_NAME + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, config_path(backing))
-    dfd = os.open(backing, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    replace_file(config_path(backing), text.encode())
 
 
 def _want(table: dict[str, Any], key: str, kind: type, where: str) -> Any:
@@ -177,8 +196,11 @@ def load_config(backing: Path) -> StoreConfig:
     except RecursionError:
         raise ConfigError(f"store config {path} is corrupt: nested too deeply") from None
     fmt = _want(raw, "format", int, "")
-    if fmt != STORE_FORMAT:
-        raise ConfigError(f"store format {fmt} is not supported (this vcfs reads {STORE_FORMAT})")
+    if fmt not in READABLE_FORMATS:
+        raise ConfigError(
+            f"store format {fmt} is not supported (this vcfs reads {', '.join(map(str, READABLE_FORMATS))})",
+            hint="use a vcfs release that supports this store format",
+        )
     features = _want(raw, "features", dict, "")
     unknown = set(features) - KNOWN_FEATURES
     if unknown:
@@ -196,7 +218,7 @@ def load_config(backing: Path) -> StoreConfig:
             if not isinstance(k, dict):
                 raise ConfigError(f"store config: {where}kek entries must be tables")
             try:
-                uri = parse_pkcs11_uri(_want(k, "uri", str, where + "kek."))
+                uri = parse_pkcs11_uri(_want(k, "uri", str, where + "kek.")) if "uri" in k or fmt == 1 else None
                 check_wrapped = bytes.fromhex(k.get("check_wrapped", ""))
                 check_value = bytes.fromhex(k.get("check_value", ""))
             except UsageError as exc:
@@ -227,6 +249,7 @@ def load_config(backing: Path) -> StoreConfig:
             _want(d, "embedded", bool, where) if "embedded" in d else False,
             _want(d, "current", int, where),
             entries,
+            **_load_domain_v2(d, where, entries),
         )
         if cfg_domain.current not in {k.version for k in entries}:
             raise ConfigError(f"store config: {where}current names a KEK version that is not listed")
@@ -236,7 +259,29 @@ def load_config(backing: Path) -> StoreConfig:
         raise ConfigError(f"store config: default domain {default!r} is not defined")
     if not tree_path(backing).is_dir():
         raise ConfigError(f"store {backing} has no {TREE_DIR}/ directory: it is damaged or only partly copied")
-    return StoreConfig(_want(raw, "store_id", str, ""), domains, default, dict(features), fmt)
+    cfg = StoreConfig(_want(raw, "store_id", str, ""), domains, default, dict(features), fmt)
+    try:
+        cfg.domain_map()
+    except UsageError as exc:
+        raise ConfigError(f"store config: {exc.message}") from None
+    return cfg
+
+
+def _load_domain_v2(d: dict[str, Any], where: str, entries: list[KekEntry]) -> dict[str, Any]:
+    """Token, prefixes, KEK store and PIN source of a domain (format 2; derived for format 1)."""
+    kek_store = d.get("kek_store", KEK_STORE_TOKEN)
+    if kek_store not in (KEK_STORE_KEYSTORE, KEK_STORE_TOKEN):
+        raise ConfigError(f"store config: {where}kek_store must be {KEK_STORE_KEYSTORE!r} or {KEK_STORE_TOKEN!r}")
+    if kek_store == KEK_STORE_TOKEN and any(k.uri is None for k in entries):
+        raise ConfigError(f"store config: {where}kek entries of a token KEK store need a uri")
+    prefixes = d.get("prefixes", [])
+    if not isinstance(prefixes, list) or not all(isinstance(p, str) for p in prefixes):
+        raise ConfigError(f"store config: {where}prefixes must be a list of strings")
+    token = d.get("token") or next((k.uri.token for k in entries if k.uri is not None and k.uri.token), "")
+    pin_source = d.get("pin_source")
+    if pin_source is not None and not isinstance(pin_source, str):
+        raise ConfigError(f"store config: {where}pin_source must be a string")
+    return {"token": str(token), "prefixes": prefixes, "kek_store": kek_store, "pin_source": pin_source}
 
 
 def utc_now() -> str:

@@ -33,11 +33,14 @@ import logging
 import os
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
 
 from vcfs import counters, events
-from vcfs.core.aead import DEK_LEN, FileKeys, derive_file_keys, new_dek, new_file_id
+from vcfs.core.aead import DEK_LEN, FileKeys, derive_file_keys, derive_header_keys, new_dek, new_file_id, wipe
 from vcfs.core.blocks import open_block, seal_block
 from vcfs.core.header import (
+    SLOT_LEN,
     Header,
     KeySlot,
     new_header,
@@ -63,6 +66,7 @@ from vcfs.errors import (
     SealLimitError,
     TruncatedError,
     UnterminatedError,
+    VcfsError,
 )
 from vcfs.journal import FileJournal, Journal
 from vcfs.keys.base import KeyRef, Wrapped
@@ -74,14 +78,37 @@ SEAL_BUDGET = 1 << 31
 SEAL_RESERVE_STEP = 1 << 16  # seals reserved in the header at a time (4 GiB of block writes)
 MAX_DIRTY_BLOCKS = 16  # plaintext held per open file before sealing (1 MiB)
 
-Unwrap = Callable[[Wrapped], bytes]
 log = logging.getLogger("vcfs.cryptfile")
+Unwrap = Callable[[Wrapped], bytes | bytearray]
+
+
+def renew_threshold(budget: int) -> int:
+    """Seals after which a file moves to a fresh DEK: 7/8 of the budget, leaving room to finish."""
+    return budget - budget // 8
+
+
+class Renewer(Protocol):
+    """Moves an open file to a fresh DEK (vcfs/renew.py); the file's lock is held by the caller."""
+
+    def renew(self, cf: CryptFile) -> bool: ...
 
 
 class CryptFile:
-    def __init__(self, fd: int, header: Header, slot_index: int, keys: FileKeys, label: str) -> None:
+    def __init__(
+        self,
+        fd: int,
+        header: Header,
+        slot_index: int,
+        keys: FileKeys,
+        label: str,
+        seal_budget: int = SEAL_BUDGET,
+        renewer: Renewer | None = None,
+    ) -> None:
         slot = header.slots[slot_index]
         assert slot is not None
+        self.seal_budget = seal_budget
+        self.renewer = renewer  # None: no renewal; the write fails with EFBIG at the budget
+        self._renew_failed = False
         self.fd = fd
         self.label = label  # backing path, for log lines only
         self.lock = threading.Lock()
@@ -90,6 +117,8 @@ class CryptFile:
         self._keys = keys
         self._slot = slot
         self._slot_index = slot_index
+        # The wrapped DEK this file was opened with: what the mount's DEK cache holds for it.
+        self.opened_with = Wrapped(KeyRef(slot.domain, slot.kek_version), slot.wrap_alg, slot.wrapped)
         self._load_disk_state()
         self.dirty: dict[int, bytearray] = {}
         self.final_cache: tuple[int, bytes] | None = None
@@ -127,6 +156,31 @@ class CryptFile:
     @property
     def key_ref(self) -> KeyRef:
         return KeyRef(self._slot.domain, self._slot.kek_version)
+
+    def adopt(self, fd: int, header: Header, keys: FileKeys) -> None:
+        """Switch to a re-encrypted copy of this file under a new DEK (renewal; lock held).
+
+        The copy has the same blocks (same plaintext, same final flags), so every size and
+        block counter stays valid; only the file id, keys, header and seal counts change. The
+        copy was synced before it was swapped in, so the old file's journal copies are moot.
+        """
+        slot = header.slots[0]
+        assert slot is not None
+        old_fd, old_keys = self.fd, self._keys
+        self.fd, self._keys = fd, keys
+        self._pre, self._bound = header.preamble, header.preamble.bound
+        self._slot, self._slot_index = slot, 0
+        self._slot_durable = True
+        self.seals_used = self.disk_blocks
+        self.seals_reserved = self.seals_persisted = slot.seals
+        self._unsynced.clear()
+        self._journaled.clear()
+        if self.journal is not None:
+            journal = self.journal
+            journal.discard()
+            self.journal = journal.for_id(self.file_id)
+        os.close(old_fd)
+        old_keys.wipe()
 
     # ---- reading -------------------------------------------------------------------------
 
@@ -334,13 +388,22 @@ class CryptFile:
 
     def _reserve_seals(self, count: int) -> None:
         need = self.seals_used + count
-        if need > SEAL_BUDGET:
+        if need > renew_threshold(self.seal_budget) and self.renewer is not None and not self._renew_failed:
+            # Near the nonce budget: re-encrypt under a fresh DEK first (see vcfs/renew.py).
+            try:
+                if not self.renewer.renew(self):
+                    self._renew_failed = True
+            except (OSError, VcfsError) as exc:
+                self._renew_failed = True  # once per open: keep writing up to the hard limit
+                log.error("%s: could not move the file to a fresh data key: %s", self.label, exc)
+            need = self.seals_used + count
+        if need > self.seal_budget:
             raise SealLimitError(
                 f"{self.label}: the file's data key has sealed {self.seals_used} blocks, near the random-nonce limit",
                 hint="copy the file to a new name: the copy gets a fresh data key",
             )
         if need > self.seals_reserved:
-            self._write_slot(min(need + SEAL_RESERVE_STEP, SEAL_BUDGET))
+            self._write_slot(min(need + SEAL_RESERVE_STEP, self.seal_budget))
             self.seals_reserved = self._slot.seals
         self.seals_used = need
 
@@ -429,7 +492,10 @@ class CryptFile:
         end = block_no_to_cipher_off(todo[-1]) + BLOCK_OVERHEAD + len(self.dirty[todo[-1]])
         if end > on_disk:
             reserve_space(self.fd, on_disk, end - on_disk)
+        fd_before = self.fd
         self._reserve_seals(len(todo) + (1 if reseal_old else 0))
+        if self.fd != fd_before and end > on_disk:  # renewed: the new copy needs the same claim
+            reserve_space(self.fd, on_disk, end - on_disk)
         # The old last block is resealed inner in the same ascending write as the blocks after
         # it (every block past the old end is dirty, so it directly precedes them): a write cut
         # short then always leaves its damage at the new end of the file, never inside it.
@@ -491,6 +557,25 @@ class CryptFile:
                 self.journal.reset()
             self.size = last * BLOCK_SIZE + len(plain)
 
+    def write_copy(self, fd: int, keys: FileKeys, bound: bytes) -> None:
+        """Write every on-disk block into ``fd`` sealed under ``keys`` (DEK renewal; lock held).
+
+        Same positions and final flags as here, so the copy is this file under another DEK: an
+        inner block found sealed final (a crash trace) stays so. Dirty blocks are not included.
+        """
+        last = self.disk_blocks - 1
+        for first in range(0, self.disk_blocks, MAX_DIRTY_BLOCKS):
+            count = min(MAX_DIRTY_BLOCKS, self.disk_blocks - first)
+            raw = memoryview(pread_exact(self.fd, count * CIPHER_BLOCK_SIZE, block_no_to_cipher_off(first)))
+            out = []
+            for i in range(count):
+                b, sealed = first + i, raw[i * CIPHER_BLOCK_SIZE : (i + 1) * CIPHER_BLOCK_SIZE]
+                final = b == last and self.disk_last_final
+                if not _opens_as(self, b, final, sealed):
+                    final = not final
+                out.append(seal_block(keys, bound, b, final, open_block(self._keys, self._bound, b, final, sealed)))
+            pwritev_all(fd, out, block_no_to_cipher_off(first))
+
     def flush(self) -> None:
         """Seal and write everything held in memory (close(2) semantics; no sync)."""
         with self.lock:
@@ -539,6 +624,9 @@ class CryptFile:
                     self.journal.close()
                 os.close(self.fd)
                 self.fd = -1
+                self._keys.wipe()
+                self.dirty.clear()
+                self.final_cache = None
 
 
 def _opens_as(cf: CryptFile, block_no: int, final: bool, sealed: bytes | memoryview) -> bool:
@@ -549,21 +637,23 @@ def _opens_as(cf: CryptFile, block_no: int, final: bool, sealed: bytes | memoryv
         return False
 
 
-def _unlock(header: Header, label: str, unwrap: Unwrap) -> tuple[int, KeySlot, bytes, FileKeys]:
+def _unlock(header: Header, label: str, unwrap: Unwrap) -> tuple[int, KeySlot, bytearray, FileKeys]:
     """The newest slot that unwraps and authenticates: (index, slot, DEK, derived keys).
 
     Falls back to the other slot (a crash during a slot update leaves the older one intact);
-    raises the first slot's error if none works.
+    raises the first slot's error if none works. The caller owns the DEK buffer and wipes it.
     """
     errors: list[Exception] = []
     for index, slot in header.candidates():
+        dek = bytearray()
         try:
-            dek = unwrap(Wrapped(KeyRef(slot.domain, slot.kek_version), slot.wrap_alg, slot.wrapped))
+            dek = bytearray(unwrap(Wrapped(KeyRef(slot.domain, slot.kek_version), slot.wrap_alg, slot.wrapped)))
             if len(dek) != DEK_LEN:
                 raise HeaderAuthError(f"{label}: key slot {index} unwraps to a {len(dek)}-byte key, not a DEK")
             keys = derive_file_keys(dek, header.preamble.file_id)
             verify_slot(header.preamble, slot, keys)
         except (HeaderAuthError, KeyProviderError) as exc:
+            wipe(dek)
             errors.append(exc)
             continue
         return index, slot, dek, keys
@@ -571,7 +661,13 @@ def _unlock(header: Header, label: str, unwrap: Unwrap) -> tuple[int, KeySlot, b
 
 
 def open_cryptfile(
-    fd: int, label: str, unwrap: Unwrap, allow_damaged: bool = False, journal: Journal | None = None
+    fd: int,
+    label: str,
+    unwrap: Unwrap,
+    allow_damaged: bool = False,
+    journal: Journal | None = None,
+    seal_budget: int = SEAL_BUDGET,
+    renewer: Renewer | None = None,
 ) -> CryptFile:
     """Authenticate the header of an existing backing file and return its engine.
 
@@ -583,8 +679,9 @@ def open_cryptfile(
     """
     fcntl.flock(fd, fcntl.LOCK_SH)
     header = parse_header(pread_exact(fd, HEADER_LEN, 0))
-    index, _slot, _dek, keys = _unlock(header, label, unwrap)
-    cf = CryptFile(fd, header, index, keys, label)
+    index, _slot, dek, keys = _unlock(header, label, unwrap)
+    wipe(dek)
+    cf = CryptFile(fd, header, index, keys, label, seal_budget, renewer)
     if journal is not None:
         _recover(cf, journal)
     if cf.disk_blocks == 0 and not allow_damaged:
@@ -612,47 +709,130 @@ def _recover(cf: CryptFile, journal: Journal) -> None:
         cf.journal = journal.for_file(cf.file_id, cf.label)
 
 
-def rewrap_header(fd: int, label: str, unwrap: Unwrap, target: KeyRef, wrap: Callable[[bytes], Wrapped]) -> KeyRef:
-    """Wrap the file's DEK under ``target`` into the inactive slot; returns the KEK it was under.
+@dataclass(frozen=True, slots=True)
+class Rewrapped:
+    old: KeyRef  # the KEK the file was under
+    active: int  # the slot that now holds the target wrapping
+    other_domain: str | None  # domain named by the other slot (unauthenticated), None if empty
+
+
+def rewrap_header(
+    fd: int, label: str, unwrap: Unwrap, target: KeyRef, wrap: Callable[[bytearray], Wrapped], sync: bool = True
+) -> Rewrapped:
+    """Wrap the file's DEK under ``target`` into the inactive slot.
 
     Header only: no block is read or written. The new slot (generation + 1) is written in
-    place and synced; until then the old slot stays valid, so a crash at any point leaves
-    the file readable. Needs the exclusive flock (BlockingIOError if the file is open).
+    place (and, with ``sync``, synced; batch callers sync the filesystem instead, before and
+    after the batch); until it is on disk the old slot stays valid, so a crash at any point
+    leaves the file readable. The active slot must be durable before the other one is
+    overwritten (a close writes the exact seal count without a sync): with ``sync`` this
+    function syncs first. Needs the exclusive flock (BlockingIOError if the file is open).
     """
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     header = parse_header(pread_exact(fd, HEADER_LEN, 0))
     index, slot, dek, keys = _unlock(header, label, unwrap)
-    old = KeyRef(slot.domain, slot.kek_version)
-    if old == target:
-        return old
-    wrapped = wrap(dek)
+    try:
+        old = KeyRef(slot.domain, slot.kek_version)
+        if old == target:
+            other = header.slots[1 - index]
+            return Rewrapped(old, index, other.domain if other is not None else None)
+        wrapped = wrap(dek)
+    finally:
+        wipe(dek)
     new = KeySlot(
         slot.generation + 1, wrapped.wrap_alg, wrapped.ref.domain, wrapped.ref.version, wrapped.blob, slot.seals
     ).sealed(header.preamble, keys)
-    os.fdatasync(fd)  # the active slot may have been written without a sync (exact count at close)
+    keys.wipe()
+    if sync:
+        os.fdatasync(fd)  # the active slot may have been written without a sync (exact count at close)
     pwrite_all(fd, new.encode(), slot_offset(1 - index))
+    if sync:
+        os.fdatasync(fd)
+    return Rewrapped(old, 1 - index, old.domain)
+
+
+def lock_header(fd: int) -> Header:
+    """Take a backing file's exclusive flock (BlockingIOError if it is open) and parse its header.
+
+    The first half of a rewrap split in steps for a pipelined caller (vcfs/rewrap.py):
+    lock_header, unwrap the newest slot, wrap under the target, then seal_rewrapped_slot.
+    """
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return parse_header(pread_exact(fd, HEADER_LEN, 0))
+
+
+def seal_rewrapped_slot(header: Header, index: int, dek: bytearray, wrapped: Wrapped | None) -> bytes | None:
+    """Authenticate slot ``index`` with its unwrapped DEK and build its successor holding ``wrapped``.
+
+    Returns the encoded new slot, for the other slot position; None when ``wrapped`` is None
+    (the slot only had to be authenticated). Raises HeaderAuthError if the slot does not
+    authenticate: the caller then falls back to rewrap_header, which tries the other slot.
+    Wipes ``dek``.
+    """
+    slot = header.slots[index]
+    assert slot is not None
+    try:
+        if len(dek) != DEK_LEN:
+            raise HeaderAuthError(f"key slot {index} unwraps to a {len(dek)}-byte key, not a DEK")
+        keys = derive_header_keys(dek, header.preamble.file_id)
+    finally:
+        wipe(dek)
+    try:
+        verify_slot(header.preamble, slot, keys)
+        if wrapped is None:
+            return None
+        new = KeySlot(
+            slot.generation + 1, wrapped.wrap_alg, wrapped.ref.domain, wrapped.ref.version, wrapped.blob, slot.seals
+        )
+        return new.sealed(header.preamble, keys).encode()
+    finally:
+        keys.wipe()
+
+
+def erase_other_slot(fd: int, keep: int) -> bool:
+    """Zero the slot beside ``keep`` (which the caller authenticated and synced); True if it held one.
+
+    After a file moves to another key domain, its old domain's wrapping must not stay behind.
+    """
+    other = slot_offset(1 - keep)
+    if not any(pread_exact(fd, SLOT_LEN, other)):
+        return False
+    pwrite_all(fd, bytes(SLOT_LEN), other)
     os.fdatasync(fd)
-    return old
+    return True
+
+
+def new_file_header(wrap: Callable[[bytearray], Wrapped], seals: int) -> tuple[Header, FileKeys]:
+    """A fresh DEK and file id, the DEK wrapped, and the header for them (slot 0)."""
+    dek = new_dek()
+    try:
+        file_id = new_file_id()
+        keys = derive_file_keys(dek, file_id)
+        wrapped = wrap(dek)
+    finally:
+        wipe(dek)
+    slot = KeySlot(1, wrapped.wrap_alg, wrapped.ref.domain, wrapped.ref.version, wrapped.blob, seals)
+    return new_header(file_id, keys, slot), keys
 
 
 def create_cryptfile(
-    fd: int, label: str, wrap: Callable[[bytes], Wrapped], journal: Journal | None = None
+    fd: int,
+    label: str,
+    wrap: Callable[[bytearray], Wrapped],
+    journal: Journal | None = None,
+    seal_budget: int = SEAL_BUDGET,
+    renewer: Renewer | None = None,
 ) -> CryptFile:
     """Write a new empty file (header + one empty final block) into an empty backing file."""
-    dek = new_dek()
-    file_id = new_file_id()
-    keys = derive_file_keys(dek, file_id)
-    wrapped = wrap(dek)
-    slot = KeySlot(1, wrapped.wrap_alg, wrapped.ref.domain, wrapped.ref.version, wrapped.blob, SEAL_RESERVE_STEP)
-    header = new_header(file_id, keys, slot)
+    header, keys = new_file_header(wrap, min(SEAL_RESERVE_STEP, seal_budget))
     fcntl.flock(fd, fcntl.LOCK_SH)
     empty = seal_block(keys, header.preamble.bound, 0, True, b"")
     pwrite_all(fd, header.encode() + empty, 0)
-    cf = CryptFile(fd, header, 0, keys, label)
+    cf = CryptFile(fd, header, 0, keys, label, seal_budget, renewer)
     cf.seals_used = 1
     cf._unsynced.add(0)  # never fsynced: the first write may overwrite it without a copy
     if journal is not None:
-        cf.journal = journal.for_file(file_id, label)
+        cf.journal = journal.for_file(header.preamble.file_id, label)
     return cf
 
 

@@ -63,6 +63,16 @@ class KeyDestroyedError(KeyProviderError):
     errno = errno.EKEYREVOKED  # "Key has been revoked": what cat or ffmpeg then print
 
 
+class HsmUnavailableError(KeyProviderError):
+    """The token cannot be reached right now (removed, powered off, network): retry later.
+
+    Files already open keep working on the keys they hold; new opens fail with EIO until the
+    token is back, which the daemon notices by itself.
+    """
+
+    errno = errno.EIO
+
+
 class MountError(VcfsError):
     """Mounting or unmounting failed (exit 5)."""
 

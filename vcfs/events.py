@@ -31,6 +31,11 @@ KEY_UNWRAP = "key.unwrap"
 KEY_ROTATE = "key.rotate"
 KEY_RETIRE = "key.retire"
 KEY_DESTROY = "key.destroy"
+KEY_LOAD = "key.load"  # a keystore KEK unwrapped under its master key into the HSM
+KEY_SHRED = "key.shred"  # one file's wrapped DEKs overwritten (vcfs shred)
+KEY_RENEW = "key.renew"  # a file moved to a fresh DEK before its nonce budget ran out
+HSM_UNAVAILABLE = "hsm.unavailable"
+HSM_AVAILABLE = "hsm.available"
 BLOCK_AUTH_FAILED = "block.auth_failed"
 # Audit trail (vcfs/audit): an anomaly rule fired; the log could not be written / works again.
 AUDIT_ALERT = "audit.alert"
@@ -68,6 +73,8 @@ def subscribe(sink: Sink) -> Callable[[], None]:
 
 def emit(kind: str, **fields: Scalar) -> None:
     """Hand one event to every sink. Never raises."""
+    if not _sinks:  # the common case in tools: costs nothing on hot paths (rewrap: 2 per file)
+        return
     event = Event(kind, dict(fields))
     for sink in _sinks:  # a snapshot: subscribe/unsubscribe replace the tuple
         try:

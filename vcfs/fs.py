@@ -12,7 +12,6 @@ that another open is just handing out.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import logging
 import os
@@ -32,16 +31,14 @@ from vcfs.cryptfile import CryptFile, create_cryptfile, open_cryptfile
 from vcfs.errors import IntegrityError, KeyProviderError, VcfsError
 from vcfs.inodes import InodeTable
 from vcfs.journal import Journal
-from vcfs.keys.base import KeyProvider
+from vcfs.mountkeys import MountKeys
 from vcfs.privileges import can_chown
-from vcfs.store import open_backing
+from vcfs.store import open_backing, renameat2
 
 log = logging.getLogger("vcfs.fs")
 _T = TypeVar("_T")
 
 ATTR_TIMEOUT = 5.0
-_libc = ctypes.CDLL(None, use_errno=True)
-_AT_FDCWD = -100
 
 
 @dataclass(slots=True)
@@ -50,32 +47,19 @@ class _Open:
     refs: int
 
 
-def _renameat2(old: bytes, new: bytes, flags: int) -> None:
-    if _libc.renameat2(_AT_FDCWD, old, _AT_FDCWD, new, ctypes.c_uint(flags)) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
 class VcfsOperations(pyfuse3.Operations):
     enable_writeback_cache = True
 
     def __init__(
-        self,
-        tree: bytes,
-        provider: KeyProvider,
-        domain: str,
-        refresh_keys: Callable[[], None] | None = None,
-        guard: AccessGuard | None = None,
-        journal: Journal | None = None,
+        self, tree: bytes, keys: MountKeys, guard: AccessGuard | None = None, journal: Journal | None = None
     ) -> None:
         super().__init__()
         self.inodes = InodeTable(tree)
+        self.keys = keys  # domains per path, wraps, cached unwraps, renewal (vcfs/mountkeys.py)
+        keys.on_swap = self.inodes.alias  # DEK renewal gives a file a new backing inode
         self.guard = guard or AccessGuard()  # access policy + audit trail; inert when neither is configured
         self.guard.attach(self.inodes)
         self.journal = journal  # crash safety of in-place rewrites (vcfs/journal.py)
-        self.provider = provider
-        self.domain = domain
-        self._refresh_keys = refresh_keys  # picks up a rotated KEK before a new file is wrapped
         self._files: dict[int, _Open] = {}
         self._handles: dict[int, int] = {}  # fh -> inode
         self._next_fh = 1
@@ -109,6 +93,10 @@ class VcfsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(exc.errno) from None
         except OSError as exc:
             raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+
+    async def run_hsm(self, fn: Callable[[], _T]) -> _T:
+        """Run ``fn`` in the one HSM worker (key upkeep from the daemon)."""
+        return await trio.to_thread.run_sync(fn, limiter=self._hsm)
 
     def _attrs(self, st: os.stat_result, inode: int) -> pyfuse3.EntryAttributes:
         attr = pyfuse3.EntryAttributes()
@@ -148,6 +136,22 @@ class VcfsOperations(pyfuse3.Operations):
         inode = self.inodes.to_fuse(st.st_ino)
         self.inodes.remember(inode, parent, name)
         return self._attrs(st, inode)
+
+    def _plain(self, path: bytes) -> str:
+        """The plaintext path ("/a/b") of a backing path: what key domains are chosen by."""
+        rel = os.path.relpath(path, self.inodes.root_path)
+        return "/" if rel == b"." else "/" + os.fsdecode(rel)
+
+    def _same_domain(self, old: bytes, new: bytes) -> None:
+        """Refuse (EXDEV) a rename or link that would put a file under another key domain.
+
+        Rewrapping instead would leave the old domain's wrapping in the header's other slot,
+        and re-encrypting inside rename(2) is too slow; mv handles EXDEV by copy + delete,
+        which writes a new file under the target domain's keys.
+        """
+        is_dir = stat.S_ISDIR(os.lstat(old).st_mode)
+        if not self.keys.domains.same_domain_move(self._plain(old), self._plain(new), is_dir):
+            raise pyfuse3.FUSEError(errno.EXDEV)
 
     def _own(self, path: bytes, ctx: pyfuse3.RequestContext) -> None:
         if self._chown:
@@ -347,7 +351,9 @@ class VcfsOperations(pyfuse3.Operations):
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         def make() -> pyfuse3.EntryAttributes:
-            os.link(self.inodes.path(inode), self.inodes.child_path(new_parent_inode, new_name), follow_symlinks=False)
+            old, new = self.inodes.path(inode), self.inodes.child_path(new_parent_inode, new_name)
+            self._same_domain(old, new)
+            os.link(old, new, follow_symlinks=False)
             return self._entry(new_parent_inode, new_name)
 
         async with self.guard.link(ctx, inode, new_parent_inode, new_name):
@@ -367,8 +373,11 @@ class VcfsOperations(pyfuse3.Operations):
             new = self.inodes.child_path(parent_inode_new, name_new)
             moved = self.inodes.inode_at(parent_inode_old, name_old)
             replaced = self.inodes.inode_at(parent_inode_new, name_new)
+            self._same_domain(old, new)
+            if flags & pyfuse3.RENAME_EXCHANGE:
+                self._same_domain(new, old)
             if flags:
-                _renameat2(old, new, flags)
+                renameat2(old, new, flags)
             else:
                 os.rename(old, new)
             if flags & pyfuse3.RENAME_EXCHANGE:
@@ -407,20 +416,27 @@ class VcfsOperations(pyfuse3.Operations):
     async def _open_cryptfile(self, inode: int) -> CryptFile:
         path = self._oserror(lambda: self.inodes.path(inode))
         fd = self._oserror(lambda: open_backing(path))
-        try:
-            return await self._run(
-                open_cryptfile,
+        keys = self.keys
+        journal = self.journal
+
+        def unlock() -> CryptFile:  # one trip to the HSM worker: pick up key changes, unwrap
+            keys.refresh()
+            return open_cryptfile(
                 fd,
                 os.fsdecode(path),
-                self.provider.unwrap,
-                False,
-                self.journal,
-                label=os.fsdecode(path),
-                hsm=True,
+                keys.unwrap,
+                journal=journal,
+                seal_budget=keys.seal_budget,
+                renewer=keys.renewer,
             )
+
+        try:
+            cf = await self._run(unlock, label=os.fsdecode(path), hsm=True)
         except BaseException:
             os.close(fd)
             raise
+        keys.opened(cf)
+        return cf
 
     def _new_handle(self, inode: int) -> int:
         fh = self._next_fh
@@ -477,12 +493,13 @@ class VcfsOperations(pyfuse3.Operations):
         try:
             self._own(path, ctx)
 
+            keys = self.keys
+
             def make() -> CryptFile:  # one trip to the HSM worker: refresh keys, wrap, write header
-                if self._refresh_keys is not None:
-                    self._refresh_keys()
-                current = self.provider.current(self.domain)
+                keys.refresh()
+                wrap = keys.wrap_for(keys.domain_for(self._plain(path)))
                 return create_cryptfile(
-                    fd, os.fsdecode(path), lambda dek: self.provider.wrap(current, dek), self.journal
+                    fd, os.fsdecode(path), wrap, self.journal, seal_budget=keys.seal_budget, renewer=keys.renewer
                 )
 
             cf = await self._run(make, label=os.fsdecode(path), hsm=True)
@@ -557,6 +574,7 @@ class VcfsOperations(pyfuse3.Operations):
         try:
             await self._run(opened.cf.close, label=opened.cf.label)
         finally:
+            self.keys.closed(opened.cf.opened_with)
             stamp = self._cache_stamp(inode)
             if stamp is not None:
                 self._keep_cache[inode] = stamp

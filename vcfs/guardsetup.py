@@ -21,7 +21,7 @@ from vcfs.audit.hsm import AuditKey
 from vcfs.audit.log import AuditLog
 from vcfs.config import StoreConfig
 from vcfs.errors import PolicyError, UsageError
-from vcfs.keys.pkcs11 import Pkcs11Provider
+from vcfs.keys.provider import Pkcs11Provider
 
 Reload = Callable[[], Awaitable[None]]
 
@@ -56,14 +56,15 @@ def open_guard(
                     hint="keep the audit log outside the store and the mount, e.g. /var/log/vcfs/audit",
                 )
         domain = cfg.domains[cfg.default_domain]
-        token = next(k.uri.token for k in domain.keks if k.version == domain.current) or ""
+        current = next((k for k in domain.keks if k.version == domain.current), None)
+        token = domain.token or (current.uri.token if current is not None and current.uri else None) or ""
         hsm: dict[str, str | bool] = {"token": token, "embedded": domain.embedded}
         if not domain.embedded:
             hsm["module"] = domain.module
         start = {"hsm": hsm, "names": "hmac" if audit.hash_names else "plain"}
 
         def key_for(label: str) -> AuditKey:
-            return AuditKey(lambda: provider.session_for(token), label, create=True)
+            return AuditKey(lambda: provider.session_for(cfg.default_domain), label, create=True)
 
         audit_log = AuditLog(audit, key_for, start, clock)
         audit_log.open()

@@ -25,6 +25,7 @@ import pyfuse3
 
 ROOT = pyfuse3.ROOT_INODE
 PATH_LIMIT = 3800  # bytes; below PATH_MAX (4096) with room for one more name
+_DISPLACED_BIT = 1 << 62  # above any inode number ext4, xfs or btrfs hand out in practice
 
 
 @dataclass(slots=True)
@@ -40,8 +41,23 @@ class InodeTable:
         self._entries: dict[int, _Entry] = {ROOT: _Entry(lookups=1)}
         self._anchors: dict[int, int] = {}  # directory inode -> O_PATH fd, for deep paths only
         self._anchor_lock = threading.Lock()
+        self._alias: dict[int, int] = {}  # new backing inode -> the FUSE inode the kernel knows
+        self._displaced: set[int] = set()  # backing inodes whose number a renewed file keeps
+
+    def alias(self, old_backing_ino: int, new_backing_ino: int) -> None:
+        """A file got a new backing inode (DEK renewal swaps in a re-encrypted copy): keep its
+        FUSE inode, so open handles, the page cache and later lookups agree on one file. A
+        later file that the backing filesystem gives the freed number gets another FUSE inode."""
+        fuse = self._alias.pop(old_backing_ino) if old_backing_ino in self._alias else self.to_fuse(old_backing_ino)
+        self._alias[new_backing_ino] = fuse
+        self._displaced.add(old_backing_ino)
 
     def to_fuse(self, backing_ino: int) -> int:
+        alias = self._alias.get(backing_ino)
+        if alias is not None:
+            return alias
+        if backing_ino in self._displaced:
+            return backing_ino | _DISPLACED_BIT
         if backing_ino == self._root_backing_ino:
             return ROOT
         if backing_ino == ROOT:

@@ -113,6 +113,10 @@ class FileJournal:
         self._end = 0  # bytes of current-epoch records
         self._durable = False  # a current record was synced: it guards fsynced data
 
+    def for_id(self, file_id: bytes) -> FileJournal:
+        """The journal of the same backing file under a new file id (after DEK renewal)."""
+        return FileJournal(self._journal, file_id, self.hint)
+
     @property
     def live(self) -> bool:
         """True if a current record guards fsynced data: the journal must stay until the backing

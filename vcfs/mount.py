@@ -12,22 +12,27 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import pyfuse3
 import trio
 
 from vcfs import service
 from vcfs.access import AccessGuard
-from vcfs.config import config_path, load_config
+from vcfs.config import load_config
 from vcfs.errors import MountError, VcfsError
 from vcfs.fs import VcfsOperations
 from vcfs.guardsetup import load_access, open_guard
 from vcfs.journal import Journal
+from vcfs.keys.dekcache import DEFAULT_TTL
 from vcfs.keys.metered import MeteredProvider
-from vcfs.keys.pkcs11 import Pkcs11Provider
-from vcfs.keys.setup import HostKeyOptions, open_provider, refresh_provider
+from vcfs.keys.provider import Pkcs11Provider
+from vcfs.keys.setup import HostKeyOptions, open_provider
 from vcfs.mountconfig import ControlSection, MetricsSection
+from vcfs.mountkeys import MountKeys
 from vcfs.mountstate import MountState
+from vcfs.privileges import can_chown
+from vcfs.renew import clean_leftovers
 from vcfs.store import lock_store
 from vcfs.storelayout import tree_path
 from vcfs.sweep import recover_store
@@ -47,6 +52,7 @@ class MountOptions:
     fuse_options: frozenset[str] = frozenset()  # kernel mount flags (mountconfig.FUSE_FLAGS)
     metrics: MetricsSection = field(default_factory=MetricsSection)
     control: ControlSection = field(default_factory=ControlSection)
+    dek_cache_seconds: float = DEFAULT_TTL  # how long an unwrapped DEK outlives its last close
 
 
 def _unescape(raw: bytes) -> bytes:
@@ -76,28 +82,6 @@ def check_mountpoint(mountpoint: Path) -> None:
         raise MountError(f"{mountpoint} is already a mount point", hint=f"vcfs umount {mountpoint}")
 
 
-class ConfigWatcher:
-    """Re-reads the store config when it changed (rotate, retire, destroy) and updates the keys.
-
-    Called in the HSM worker before each new file is wrapped: one stat() when nothing changed.
-    """
-
-    def __init__(self, backing: Path, provider: Pkcs11Provider) -> None:
-        self._path = config_path(backing)
-        self._backing = backing
-        self._provider = provider
-        self._stamp = self._path.stat().st_mtime_ns
-
-    def __call__(self) -> None:
-        stamp = self._path.stat().st_mtime_ns
-        if stamp == self._stamp:
-            return
-        cfg = load_config(self._backing)
-        refresh_provider(self._provider, cfg)
-        self._stamp = stamp
-        log.info("store config changed: new files use KEK %s", self._provider.current(cfg.default_domain))
-
-
 def _report(ready_fd: int | None, text: str) -> None:
     if ready_fd is None:
         return
@@ -117,22 +101,20 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
         cfg = load_config(opts.backing)
         check_mountpoint(opts.mountpoint)
         access = load_access(opts.policy_file)
-        provider = open_provider(cfg, opts.keys)
-        provider.self_test(cfg.default_domain)
+        provider = open_provider(cfg, opts.keys, probe=True)
+        for domain in cfg.domains:
+            if not provider.is_down(domain):  # a down domain was logged; it recovers by itself
+                provider.self_test(domain)
         lock_store(opts.backing)  # only now: a refused mount leaves the store untouched
+        clean_leftovers(opts.backing)
         journal = Journal(opts.backing)
         recover_store(journal, provider.unwrap)  # blocks a crash tore, before anything is served
         guard, reload = open_guard(
             access, opts.policy_file, opts.audit_dir, cfg, provider, opts.backing, opts.mountpoint
         )
-        ops = VcfsOperations(
-            os.fsencode(tree_path(opts.backing)),
-            MeteredProvider(provider),
-            cfg.default_domain,
-            ConfigWatcher(opts.backing, provider),
-            guard,
-            journal,
-        )
+        metered = cast(Pkcs11Provider, MeteredProvider(provider))  # HSM call counts and latency
+        keys = MountKeys(opts.backing, metered, opts.keys, opts.dek_cache_seconds, chown=can_chown())
+        ops = VcfsOperations(os.fsencode(tree_path(opts.backing)), keys, guard, journal)
         state = MountState(opts.backing, opts.mountpoint, lambda: ops.open_files)
         extras = service.open_extras(opts.mountpoint, opts.control, opts.metrics, state)  # may refuse: port taken
         options = set(pyfuse3.default_options) | set(opts.fuse_options)
@@ -161,10 +143,12 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
         if provider is not None:
             provider.close()
         raise
-    log.info("mounted %s at %s (KEK %s)", opts.backing, opts.mountpoint, provider.current(cfg.default_domain))
+    kek_list = ", ".join(str(provider.current(d)) for d in cfg.domains)
+    log.info("mounted %s at %s (KEK %s)", opts.backing, opts.mountpoint, kek_list)
     guard.start(backing=str(opts.backing), mountpoint=str(opts.mountpoint), policy=access.digest or None)
     daemon = extras.daemon(ops, opts.backing, lambda: _report(ready_fd, "ok\n"))
     daemon.on_hup = reload  # a bad policy file is refused and audited; the policy in force stays
+    daemon.tasks.append(lambda: _key_upkeep(ops))
     try:
         trio.run(service.run, daemon)
     finally:
@@ -172,7 +156,17 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
         if mounted:
             pyfuse3.close(unmount=True)
         guard.close(result="ok")  # after the kernel let go: the last sessions are recorded
+        keys.close()
         extras.close()
         provider.close()
         log.info("unmounted %s", opts.mountpoint)
     return 0
+
+
+async def _key_upkeep(ops: VcfsOperations) -> None:
+    """Once a second: drop expired DEKs; now and then, try to reach a token that went away."""
+    while True:
+        await trio.sleep(1)
+        ops.keys.sweep()
+        if ops.keys.recover_due():
+            await ops.run_hsm(ops.keys.recover)

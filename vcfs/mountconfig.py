@@ -47,6 +47,7 @@ class MountSection:
 class KeysSection:
     pkcs11_module: str | None = None
     pin_file: str | None = None
+    keystore: str | None = None  # directory of the keystore with the wrapped KEKs (docs/KEYS.md)
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,12 +135,15 @@ def parse_mount(table: Any, p: Problems, where: KeyPath = ("mount",)) -> MountSe
 
 
 def parse_keys(table: Any, p: Problems, where: KeyPath = ("keys",)) -> KeysSection:
-    t = _Table(table, where, p, {"pkcs11_module", "pin_file"} | {"pin"})
+    t = _Table(table, where, p, {"pkcs11_module", "pin_file", "keystore"} | {"pin"})
     if "pin" in t.t:
         t.bad("pin", "a PIN never goes in a config file: name a pin_file, or use the systemd credential hsm-pin")
     module = t.path("pkcs11_module")
     pin_file = t.path("pin_file")
-    return KeysSection(str(module) if module else None, str(pin_file) if pin_file else None)
+    keystore = t.path("keystore")
+    return KeysSection(
+        str(module) if module else None, str(pin_file) if pin_file else None, str(keystore) if keystore else None
+    )
 
 
 def parse_listen(value: str) -> tuple[str, int] | None:

@@ -16,7 +16,7 @@ from vcfs.config import CONFIG_NAME, StoreConfig, load_config
 from vcfs.cryptfile import CryptFile, open_cryptfile
 from vcfs.errors import ConfigError, UsageError
 from vcfs.journal import Journal
-from vcfs.keys.pkcs11 import Pkcs11Provider
+from vcfs.keys.provider import Pkcs11Provider
 from vcfs.keys.setup import HostKeyOptions, open_provider
 from vcfs.longpath import LongPath
 from vcfs.store import open_noatime

@@ -61,6 +61,7 @@ class Daemon:
     control_path: Path | None = None
     exporter: Exporter | None = None
     on_hup: Callable[[], Awaitable[None]] | None = None  # e.g. re-read a policy
+    tasks: list[Callable[[], Awaitable[None]]] = field(default_factory=list)  # run beside the FUSE loop
     stopping: trio.Event = field(default_factory=trio.Event)
 
 
@@ -86,6 +87,8 @@ async def run(d: Daemon) -> None:
                     nursery.start_soon(control.serve, d.control, d.control_path, _control_handler(d))
                 if d.exporter is not None:
                     nursery.start_soon(d.exporter.run)
+                for task in d.tasks:
+                    nursery.start_soon(task)
                 await pyfuse3.main()
                 nursery.cancel_scope.cancel()
         finally:

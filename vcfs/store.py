@@ -137,3 +137,44 @@ def lock_store(backing: Path) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+def replace_file(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Replace ``path`` atomically with ``data``: temp file, fsync, rename, fsync of the directory.
+
+    Readers see the old or the new content, never a mix; after a crash, one of the two.
+    """
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        pwrite_all(fd, data, 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(str(path.parent))
+
+
+_AT_FDCWD = -100
+RENAME_EXCHANGE = 2
+
+
+def renameat2(old: bytes | str, new: bytes | str, flags: int) -> None:
+    """renameat(2) with flags (RENAME_NOREPLACE, RENAME_EXCHANGE), which os.rename cannot pass."""
+    if _libc.renameat2(_AT_FDCWD, os.fsencode(old), _AT_FDCWD, os.fsencode(new), ctypes.c_uint(flags)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+_libc.syncfs.argtypes = [ctypes.c_int]
+
+
+def sync_filesystem(fd: int) -> None:
+    """syncfs(2): make everything written to the filesystem holding ``fd`` durable, in one flush.
+
+    For batch updates of many files (rewrap), where one fdatasync per file would cost a disk
+    flush each.
+    """
+    if _libc.syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))

@@ -5,6 +5,7 @@
     BACKING/files/       the encrypted tree: one backing file per plaintext file,
                          directories and symlinks mirrored
     BACKING/journal/     copies of blocks being rewritten in place, per file id (crash safety)
+    BACKING/renew/       transient: re-encrypted copies during DEK renewal (vcfs/renew.py)
 Keeping the tree in its own directory means no plaintext name is reserved for vcfs.
 """
 
@@ -26,3 +27,8 @@ def lock_path(backing: Path) -> Path:
 
 QUARANTINE_DIR = "quarantine"  # fsck --repair keeps removed ciphertext here
 JOURNAL_DIR = "journal"  # see vcfs/journal.py
+RENEW_DIR = "renew"  # DEK renewal writes a file's re-encrypted copy here, then swaps it in
+
+
+def renew_path(backing: Path) -> Path:
+    return backing / RENEW_DIR

@@ -25,7 +25,7 @@ from vcfs.store import open_backing
 log = logging.getLogger("vcfs.sweep")
 
 
-def recover_store(journal: Journal, unwrap: Callable[[Wrapped], bytes]) -> int:
+def recover_store(journal: Journal, unwrap: Callable[[Wrapped], bytes | bytearray]) -> int:
     """Recover every file that has a journal; returns the number of blocks restored."""
     restored = 0
     for file_id in journal.entries():

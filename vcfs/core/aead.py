@@ -30,13 +30,13 @@ INFO_COMMITMENT = b"vcfs v1 key commitment"
 INFO_KEK_CHECK = b"vcfs v1 kek check"
 
 
-def _hkdf(dek: bytes, file_id: bytes, info: bytes) -> bytes:
+def _hkdf(dek: bytes | bytearray, file_id: bytes, info: bytes) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=file_id, info=info).derive(dek)
 
 
-def new_dek() -> bytes:
-    """A fresh random data key (os.urandom via cryptography's generator)."""
-    return AESGCM.generate_key(bit_length=256)
+def new_dek() -> bytearray:
+    """A fresh random data key (os.urandom via cryptography's generator), in a wipeable buffer."""
+    return bytearray(AESGCM.generate_key(bit_length=256))
 
 
 def new_file_id() -> bytes:
@@ -51,26 +51,28 @@ class AuthFailed(Exception):
     """Internal signal from this module; callers turn it into a named IntegrityError."""
 
 
-@dataclass(frozen=True, slots=True)
-class FileKeys:
-    """The keys of one file, derived from its DEK. Holds secrets: never log or repr it."""
+def wipe(buf: bytearray) -> None:
+    """Overwrite a key buffer in place (the one copy vcfs controls; see docs/KEYS.md, "Memory")."""
+    buf[:] = bytes(len(buf))
 
-    content: AESGCM
-    mac_key: bytes
+
+@dataclass(frozen=True, slots=True)
+class HeaderKeys:
+    """What a header needs of a file's keys: the slot MAC key and the key commitment.
+
+    Enough to authenticate and rewrite key slots (rewrap) without deriving the content key.
+    ``mac_key`` is a mutable buffer so that ``wipe()`` can overwrite it when the file closes.
+    Holds secrets: never log or repr it.
+    """
+
+    mac_key: bytearray
     commitment: bytes
 
     def __repr__(self) -> str:  # keep key bytes out of logs and tracebacks
-        return "FileKeys(<secret>)"
+        return f"{type(self).__name__}(<secret>)"
 
-    def seal(self, nonce: bytes, plaintext: bytes | bytearray | memoryview, aad: bytes) -> bytes:
-        """AES-256-GCM: returns ciphertext || 16-byte tag."""
-        return self.content.encrypt(nonce, plaintext, aad)
-
-    def open(self, nonce: bytes | memoryview, sealed: bytes | memoryview, aad: bytes) -> bytes:
-        try:
-            return self.content.decrypt(nonce, sealed, aad)
-        except InvalidTag:
-            raise AuthFailed from None
+    def wipe(self) -> None:
+        wipe(self.mac_key)
 
     def mac(self, data: bytes) -> bytes:
         h = crypto_hmac.HMAC(self.mac_key, hashes.SHA256())
@@ -84,17 +86,45 @@ class FileKeys:
         return hmac.compare_digest(self.commitment, stored)
 
 
-def derive_file_keys(dek: bytes, file_id: bytes) -> FileKeys:
+@dataclass(frozen=True, slots=True, repr=False)
+class FileKeys(HeaderKeys):
+    """The keys of one file, derived from its DEK: the header keys plus the block content key.
+
+    The content key lives inside ``cryptography``'s AESGCM object, which offers no wipe.
+    """
+
+    content: AESGCM
+
+    def seal(self, nonce: bytes, plaintext: bytes | bytearray | memoryview, aad: bytes) -> bytes:
+        """AES-256-GCM: returns ciphertext || 16-byte tag."""
+        return self.content.encrypt(nonce, plaintext, aad)
+
+    def open(self, nonce: bytes | memoryview, sealed: bytes | memoryview, aad: bytes) -> bytes:
+        try:
+            return self.content.decrypt(nonce, sealed, aad)
+        except InvalidTag:
+            raise AuthFailed from None
+
+
+def derive_header_keys(dek: bytes | bytearray, file_id: bytes) -> HeaderKeys:
     if len(dek) != DEK_LEN:
         raise ValueError("DEK must be 32 bytes")
-    return FileKeys(
-        content=AESGCM(_hkdf(dek, file_id, INFO_CONTENT)),
-        mac_key=_hkdf(dek, file_id, INFO_HEADER_MAC),
-        commitment=_hkdf(dek, file_id, INFO_COMMITMENT),
+    return HeaderKeys(
+        mac_key=bytearray(_hkdf(dek, file_id, INFO_HEADER_MAC)), commitment=_hkdf(dek, file_id, INFO_COMMITMENT)
     )
 
 
-def kek_check_value(probe_key: bytes) -> bytes:
+def derive_file_keys(dek: bytes | bytearray, file_id: bytes) -> FileKeys:
+    if len(dek) != DEK_LEN:
+        raise ValueError("DEK must be 32 bytes")
+    return FileKeys(
+        mac_key=bytearray(_hkdf(dek, file_id, INFO_HEADER_MAC)),
+        commitment=_hkdf(dek, file_id, INFO_COMMITMENT),
+        content=AESGCM(_hkdf(dek, file_id, INFO_CONTENT)),
+    )
+
+
+def kek_check_value(probe_key: bytes | bytearray) -> bytes:
     """Public value proving that a wrapped probe key unwraps to the key it was made from.
 
     The store config keeps a probe key wrapped under each KEK plus this value, so a mount

@@ -14,7 +14,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, replace
 
-from vcfs.core.aead import COMMITMENT_LEN, FILE_ID_LEN, MAC_LEN, FileKeys
+from vcfs.core.aead import COMMITMENT_LEN, FILE_ID_LEN, MAC_LEN, HeaderKeys
 from vcfs.core.layout import BLOCK_SHIFT, HEADER_LEN
 from vcfs.errors import FormatError, HeaderAuthError, UnsupportedFormat
 
@@ -85,7 +85,7 @@ class KeySlot:
         raw = fixed + domain + self.wrapped
         return raw + b"\0" * (SLOT_BODY_LEN - len(raw))
 
-    def sealed(self, preamble: Preamble, keys: FileKeys) -> KeySlot:
+    def sealed(self, preamble: Preamble, keys: HeaderKeys) -> KeySlot:
         """This slot with its MAC computed over preamble || body."""
         return replace(self, mac=keys.mac(preamble.encode() + self.body()))
 
@@ -162,7 +162,7 @@ def parse_slot(data: bytes) -> KeySlot | None:
         raise HeaderAuthError("malformed key slot")
     domain_b = data[start : start + dlen]
     wrapped = data[start + dlen : start + dlen + wlen]
-    if any(data[start + dlen + wlen : SLOT_BODY_LEN]):
+    if data[start + dlen + wlen : SLOT_BODY_LEN] != EMPTY_SLOT_BYTES[: SLOT_BODY_LEN - start - dlen - wlen]:
         raise HeaderAuthError("malformed key slot (padding is not zero)")  # the MAC covers re-encoded fields
     try:
         domain = domain_b.decode()
@@ -186,7 +186,7 @@ def parse_header(data: bytes) -> Header:
     return Header(pre, (slots[0], slots[1]))
 
 
-def verify_slot(preamble: Preamble, slot: KeySlot, keys: FileKeys) -> None:
+def verify_slot(preamble: Preamble, slot: KeySlot, keys: HeaderKeys) -> None:
     """Accept a slot only if its DEK matches the commitment and its MAC checks."""
     if len(preamble.commitment) != COMMITMENT_LEN or not keys.commitment_ok(preamble.commitment):
         raise HeaderAuthError("key commitment mismatch: header does not belong to this key")
@@ -196,7 +196,7 @@ def verify_slot(preamble: Preamble, slot: KeySlot, keys: FileKeys) -> None:
         raise UnsupportedFormat(f"unknown key wrap algorithm id {slot.wrap_alg}")
 
 
-def new_header(file_id: bytes, keys: FileKeys, slot: KeySlot) -> Header:
+def new_header(file_id: bytes, keys: HeaderKeys, slot: KeySlot) -> Header:
     """A fresh header whose slot 0 holds ``slot`` (MAC computed here)."""
     if len(file_id) != FILE_ID_LEN:
         raise ValueError("file id must be 16 bytes")

@@ -40,10 +40,13 @@ class KeyProvider(Protocol):
         """The KEK new files of ``domain`` are wrapped under."""
         ...
 
-    def wrap(self, ref: KeyRef, dek: bytes) -> Wrapped: ...
+    def wrap(self, ref: KeyRef, dek: bytes | bytearray) -> Wrapped: ...
 
-    def unwrap(self, wrapped: Wrapped) -> bytes:
-        """Return the DEK or raise KeyProviderError/HeaderAuthError naming the KEK, never the key."""
+    def unwrap(self, wrapped: Wrapped) -> bytearray:
+        """Return the DEK or raise KeyProviderError/HeaderAuthError naming the KEK, never the key.
+
+        The DEK comes in a fresh mutable buffer that the caller owns and overwrites when done.
+        """
         ...
 
     def close(self) -> None: ...

@@ -40,8 +40,13 @@ def conf_path(home: Path) -> Path:
     return home / "softhsm2.conf"
 
 
-def pin_path(home: Path) -> Path:
-    return home / "user.pin"
+def pin_path(home: Path, token: str = TOKEN_LABEL) -> Path:
+    """The user PIN file of an embedded token (``vcfs``: the first one; others under pins/)."""
+    return home / "user.pin" if token == TOKEN_LABEL else home / "pins" / f"{token}.user.pin"
+
+
+def so_pin_path(home: Path, token: str = TOKEN_LABEL) -> Path:
+    return home / "so.pin" if token == TOKEN_LABEL else home / "pins" / f"{token}.so.pin"
 
 
 def activate(home: Path) -> None:
@@ -56,20 +61,26 @@ def _write_secret(path: Path, value: str) -> None:
         f.write(value + "\n")
 
 
-def ensure_token(home: Path) -> None:
-    """Create the embedded token once; later calls find it and do nothing."""
+def ensure_token(home: Path, token: str = TOKEN_LABEL) -> None:
+    """Create the embedded token ``token`` once; later calls find it and do nothing.
+
+    Several embedded tokens share one SoftHSM2 token directory; each stands for one HSM (a
+    region's) in development and tests.
+    """
     home.mkdir(parents=True, exist_ok=True, mode=0o700)
     tokens = home / "tokens"
-    if conf_path(home).exists() and pin_path(home).exists():
+    if conf_path(home).exists() and pin_path(home, token).exists():
         activate(home)
         return
     tokens.mkdir(exist_ok=True, mode=0o700)
-    conf_path(home).write_text(f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\n")
+    if not conf_path(home).exists():
+        conf_path(home).write_text(f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\n")
     activate(home)
+    pin_path(home, token).parent.mkdir(exist_ok=True, mode=0o700)
     user_pin, so_pin = secrets.token_hex(16), secrets.token_hex(16)
     try:
         subprocess.run(
-            ["softhsm2-util", "--init-token", "--free", "--label", TOKEN_LABEL, "--so-pin", so_pin, "--pin", user_pin],
+            ["softhsm2-util", "--init-token", "--free", "--label", token, "--so-pin", so_pin, "--pin", user_pin],
             check=True,
             capture_output=True,
             text=True,
@@ -79,5 +90,5 @@ def ensure_token(home: Path) -> None:
         raise KeyProviderError("softhsm2-util not found", hint="apt-get install softhsm2") from None
     except subprocess.CalledProcessError as exc:
         raise KeyProviderError(f"could not create the embedded SoftHSM2 token: {exc.stderr.strip()}") from None
-    _write_secret(home / "so.pin", so_pin)
-    _write_secret(pin_path(home), user_pin)
+    _write_secret(so_pin_path(home, token), so_pin)
+    _write_secret(pin_path(home, token), user_pin)

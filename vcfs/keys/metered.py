@@ -26,7 +26,7 @@ class MeteredProvider:
     def current(self, domain: str) -> KeyRef:
         return self.inner.current(domain)
 
-    def wrap(self, ref: KeyRef, dek: bytes) -> Wrapped:
+    def wrap(self, ref: KeyRef, dek: bytes | bytearray) -> Wrapped:
         counters.hsm_begin()
         start = time.monotonic()
         try:
@@ -37,7 +37,7 @@ class MeteredProvider:
         counters.hsm_end("wrap", str(ref), time.monotonic() - start)
         return out
 
-    def unwrap(self, wrapped: Wrapped) -> bytes:
+    def unwrap(self, wrapped: Wrapped) -> bytes | bytearray:
         counters.hsm_begin()
         start = time.monotonic()
         try:

@@ -1,4 +1,12 @@
-"""KEKs in a PKCS#11 token. The only module that imports python-pkcs11.
+"""Master keys, KEKs and DEK wrapping in a PKCS#11 token. The only module that imports python-pkcs11.
+
+Key objects, and what may leave the token (docs/KEYS.md):
+- a domain's master key: a token object that never leaves (private, sensitive, never
+  extractable); it only wraps and unwraps KEKs;
+- a keystore KEK: generated inside the token, leaves it only wrapped under the master key,
+  and is loaded back as a non-extractable session object while in use;
+- a token KEK (provisioned by an HSM admin, or made by vcfs before the master-key tier): a
+  token object like a master key, used directly.
 
 Threading: python-pkcs11 0.10 initialises the module for single-threaded use yet releases
 the GIL inside calls; two threads in SoftHSM2 at once crash it. Every call into the token is
@@ -13,19 +21,17 @@ C_UnwrapKey. File data is never encrypted by the token.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import pkcs11
 import pkcs11.exceptions as p11e
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
-from vcfs.core.header import WRAP_PKCS11_AES_KWP
-from vcfs.errors import HeaderAuthError, KeyDestroyedError, KeyProviderError
-from vcfs.keys.base import STATE_ACTIVE, STATE_DESTROYED, KeyRef, Wrapped
+from vcfs.errors import HeaderAuthError, HsmUnavailableError, KeyProviderError
 from vcfs.keys.uri import Pkcs11Uri
 
 _LOCK = threading.RLock()
@@ -51,25 +57,6 @@ KEK_TEMPLATE = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class KekSpec:
-    ref: KeyRef
-    uri: Pkcs11Uri
-    mechanism: int = DEFAULT_WRAP_MECHANISM
-    state: str = STATE_ACTIVE
-
-
-def _mechanism(code: int, ref: KeyRef) -> Mechanism:
-    """The configured mechanism code as python-pkcs11 wants it; an unknown code is a config problem."""
-    try:
-        return Mechanism(code)
-    except ValueError:
-        raise KeyProviderError(
-            f"mechanism {code:#x} of KEK {ref} is not a PKCS#11 mechanism this vcfs knows",
-            hint="set the mechanism in vcfs.conf to the RFC 5649 code (0x210A on SoftHSM2, 0x210B on PKCS#11 3.x)",
-        ) from None
-
-
 def _locked(fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
     with _LOCK:
         return fn(*args, **kwargs)
@@ -92,11 +79,16 @@ def open_session(module_path: str, token_label: str, pin: str) -> Any:
     lib = _load_module(module_path)
     try:
         token = _locked(lib.get_token, token_label=token_label)
-    except (p11e.NoSuchToken, p11e.MultipleTokensReturned):
-        raise KeyProviderError(
+    except p11e.NoSuchToken:
+        # Absent, not wrong: with several key domains, the others keep working without it.
+        raise HsmUnavailableError(
             f"PKCS#11 token {token_label!r} not found in {module_path}",
-            hint="check the token label in the KEK URI, and that the HSM is reachable",
+            hint="check the token label in the store config, and that the HSM is reachable",
         ) from None
+    except p11e.MultipleTokensReturned:
+        raise KeyProviderError(f"more than one PKCS#11 token is labelled {token_label!r} in {module_path}") from None
+    except p11e.PKCS11Error as exc:  # SoftHSM2 fails the whole slot list while a token is missing
+        raise unavailable(f"cannot list the tokens of {module_path}", exc) from None
     try:
         return _locked(token.open, rw=True, user_pin=pin)
     except p11e.UserAlreadyLoggedIn:
@@ -105,13 +97,18 @@ def open_session(module_path: str, token_label: str, pin: str) -> Any:
         raise KeyProviderError(f"wrong PIN for PKCS#11 token {token_label!r}", hint="check --pin-file") from None
     except p11e.PinLocked:
         raise KeyProviderError(f"PIN of PKCS#11 token {token_label!r} is locked") from None
+    except _GONE as exc:
+        raise unavailable(f"cannot open a session on token {token_label!r}", exc) from None
     except p11e.PKCS11Error as exc:
         raise KeyProviderError(f"cannot log in to PKCS#11 token {token_label!r}: {type(exc).__name__}") from None
 
 
 def find_kek(session: Any, uri: Pkcs11Uri) -> Any:
+    """The secret key ``uri`` names (a token KEK or a master key)."""
     try:
         return _locked(session.get_key, object_class=ObjectClass.SECRET_KEY, label=uri.object, id=uri.id)
+    except _GONE as exc:
+        raise unavailable(f"cannot look up {uri}", exc) from None
     except p11e.NoSuchKey:
         raise KeyProviderError(
             f"KEK {uri} not found in token {uri.token!r}",
@@ -147,151 +144,252 @@ def check_kek_attributes(kek: Any, name: str) -> None:
 
 
 def generate_kek(session: Any, label: str, key_id: bytes) -> None:
+    """A new AES-256 token key that never leaves the HSM: a token KEK or a domain's master key."""
     try:
         _locked(session.generate_key, KeyType.AES, 256, id=key_id, label=label, store=True, template=KEK_TEMPLATE)
     except p11e.PKCS11Error as exc:
         raise KeyProviderError(f"could not create KEK {label!r} in the token: {type(exc).__name__}") from None
 
 
-class Pkcs11Provider:
-    """Wraps and unwraps DEKs under KEKs held in one or more tokens of one module."""
+# Errors that mean "the token or our session is gone", not "this key or blob is wrong".
+_GONE = (
+    p11e.DeviceRemoved,
+    p11e.DeviceError,
+    p11e.TokenNotPresent,
+    p11e.TokenNotRecognised,
+    p11e.SessionHandleInvalid,
+    p11e.SessionClosed,
+    p11e.KeyHandleInvalid,
+    p11e.ObjectHandleInvalid,
+    p11e.WrappingKeyHandleInvalid,
+    p11e.UnwrappingKeyHandleInvalid,
+)
 
-    def __init__(
-        self, module_path: str, pin_for_token: Callable[[str], str], keks: Iterable[KekSpec], current: dict[str, int]
-    ) -> None:
-        self._module_path = module_path
-        self._pin_for_token = pin_for_token  # reads the PIN source when a token is first needed
-        self._sessions: dict[str, Any] = {}
-        self._keks: dict[KeyRef, tuple[Any, KekSpec]] = {}
-        self._current: dict[str, int] = {}
+# A KEK in the HSM while it is in use: loaded from its wrapped copy as a session object that
+# is sensitive and not extractable, for wrapping and unwrapping only.
+SESSION_KEK_TEMPLATE = {
+    Attribute.TOKEN: False,
+    Attribute.PRIVATE: True,
+    Attribute.SENSITIVE: True,
+    Attribute.EXTRACTABLE: False,
+    Attribute.WRAP: True,
+    Attribute.UNWRAP: True,
+    Attribute.ENCRYPT: False,
+    Attribute.DECRYPT: False,
+    Attribute.SIGN: False,
+    Attribute.VERIFY: False,
+    Attribute.DERIVE: False,
+}
+# The same key while it is being wrapped under a master key (rotate, master rotate): it must be
+# extractable for C_WrapKey, and exists so only inside this process for one call.
+_TRANSIT_KEK_TEMPLATE = {**SESSION_KEK_TEMPLATE, Attribute.EXTRACTABLE: True}
+_DEK_TEMPLATE = {Attribute.SENSITIVE: False, Attribute.EXTRACTABLE: True, Attribute.TOKEN: False}
+
+
+@functools.cache
+def _mech(code: int) -> Mechanism:
+    """The configured mechanism code as python-pkcs11 wants it; an unknown code is a config problem."""
+    try:
+        return Mechanism(code)
+    except ValueError:
+        raise KeyProviderError(
+            f"mechanism {code:#x} is not a PKCS#11 mechanism this vcfs knows",
+            hint="set the mechanism in vcfs.conf to the RFC 5649 code (0x210A on SoftHSM2, 0x210B on PKCS#11 3.x)",
+        ) from None
+
+
+def unavailable(what: str, exc: BaseException) -> HsmUnavailableError:
+    return HsmUnavailableError(
+        f"HSM unavailable: {what} ({type(exc).__name__})",
+        hint="check that the token is present and reachable; vcfs reconnects by itself when it is back",
+    )
+
+
+def is_gone(exc: BaseException) -> bool:
+    return isinstance(exc, _GONE)
+
+
+def reinitialize(module_path: str) -> None:
+    """C_Finalize + C_Initialize: how SoftHSM2 (and many modules) notice a token that came back.
+
+    Every session of every token of this module is invalid afterwards; callers reopen them.
+    """
+    lib = _load_module(module_path)
+    try:
+        _locked(lib.reinitialize)
+    except p11e.PKCS11Error as exc:
+        raise unavailable(f"cannot reinitialise {module_path}", exc) from None
+
+
+def close_session(session: Any) -> None:
+    with _LOCK, contextlib.suppress(p11e.PKCS11Error):
+        session.close()
+
+
+def probe(key: Any, what: str) -> None:
+    """One cheap call that fails when the token holding ``key`` (a token object) is gone."""
+    try:
+        _locked(key.__getitem__, Attribute.CLASS)
+    except p11e.PKCS11Error as exc:
+        raise unavailable(what, exc) from None
+
+
+def check_session_kek(kek: Any, name: str) -> None:
+    """A loaded KEK must be private, sensitive and not extractable (an unwrapped key can never
+    be NEVER_EXTRACTABLE, so that attribute is not asked for here; the wrapped copy is
+    protected by the master key, which is checked with check_kek_attributes)."""
+    bad = []
+    for attr, want in ((Attribute.SENSITIVE, True), (Attribute.EXTRACTABLE, False), (Attribute.PRIVATE, True)):
+        got = _locked(kek.__getitem__, attr)
+        if bool(got) != want:
+            bad.append(f"{attr.name}={got}")
+    if bad:
+        raise KeyProviderError(f"KEK {name} was loaded unsafely: {', '.join(bad)}")
+
+
+def new_wrapped_kek(session: Any, master: Any, mechanism: int) -> bytes:
+    """Generate a KEK inside the HSM and return it wrapped under ``master`` (RFC 5649).
+
+    The clear key never leaves the token: it is a session object that exists for one wrap.
+    """
+    with _LOCK:
         try:
-            self.sync(keks, current)
-        except BaseException:
-            self.close()  # or the token stays logged in for the rest of the process
-            raise
+            kek = session.generate_key(KeyType.AES, 256, store=False, template=_TRANSIT_KEK_TEMPLATE)
+            try:
+                return bytes(master.wrap_key(kek, mechanism=_mech(mechanism)))
+            finally:
+                kek.destroy()
+        except p11e.PKCS11Error as exc:
+            if is_gone(exc):
+                raise unavailable("cannot generate a KEK", exc) from None
+            raise KeyProviderError(f"the HSM could not generate and wrap a KEK: {type(exc).__name__}") from None
 
-    def session_for(self, token: str) -> Any:
-        """The logged-in session of ``token`` (for key management: generate, destroy)."""
-        return self._session(token)
 
-    def _session(self, token: str) -> Any:
-        if token not in self._sessions:
-            self._sessions[token] = open_session(self._module_path, token, self._pin_for_token(token))
-        return self._sessions[token]
-
-    def sync(self, keks: Iterable[KekSpec], current: dict[str, int]) -> list[KeyRef]:
-        """Take in the store's KEK list (after a rotate, retire or destroy); returns KEKs newly found.
-
-        A missing KEK is an error only if it is a domain's current one: older versions matter
-        only to the files still wrapped under them.
-        """
-        found = []
-        for spec in keks:
-            key = self._keks.get(spec.ref, (None, spec))[0]
-            if spec.state == STATE_DESTROYED:
-                key = None
-            elif key is None:
-                try:
-                    key = find_kek(self._session(spec.uri.token or ""), spec.uri)
-                except KeyProviderError:
-                    if current.get(spec.ref.domain) == spec.ref.version:
-                        raise
-                else:
-                    check_kek_attributes(key, str(spec.ref))
-                    found.append(spec.ref)
-            self._keks[spec.ref] = (key, spec)
-        self._current = dict(current)
-        return found
-
-    def current(self, domain: str) -> KeyRef:
-        if domain not in self._current:
-            raise KeyProviderError(f"unknown key domain {domain!r}")
-        return KeyRef(domain, self._current[domain])
-
-    def available(self, ref: KeyRef) -> bool:
-        return self._keks.get(ref, (None, None))[0] is not None
-
-    def _kek(self, ref: KeyRef) -> tuple[Any, KekSpec]:
-        key, spec = self._keks.get(ref, (None, None))
-        if spec is not None and spec.state == STATE_DESTROYED:
-            raise KeyDestroyedError(
-                f"KEK {ref} was destroyed (crypto-shredded): data wrapped under it cannot be decrypted",
-                hint="this is permanent; restore from a plaintext export made before the destroy, if any",
+def load_wrapped_kek(master: Any, blob: bytes, mechanism: int, name: str) -> Any:
+    """Unwrap a KEK from the keystore into the HSM as a non-extractable session object."""
+    with _LOCK:
+        try:
+            kek = master.unwrap_key(
+                ObjectClass.SECRET_KEY,
+                KeyType.AES,
+                blob,
+                mechanism=_mech(mechanism),
+                store=False,
+                template=SESSION_KEK_TEMPLATE,
             )
-        if key is None or spec is None:
+        except p11e.PKCS11Error as exc:
+            if is_gone(exc):
+                raise unavailable(f"cannot load KEK {name}", exc) from None
             raise KeyProviderError(
-                f"KEK {ref} is not available in the HSM",
-                hint="the file was wrapped under a KEK this host cannot reach, or that was destroyed",
-            )
-        return key, spec
+                f"the keystore copy of KEK {name} does not unwrap under its master key",
+                hint="the keystore was modified or belongs to another token",
+            ) from None
+    check_session_kek(kek, name)
+    return kek
 
-    def wrap(self, ref: KeyRef, dek: bytes) -> Wrapped:
-        kek, spec = self._kek(ref)
-        if spec.state != STATE_ACTIVE:
-            raise KeyProviderError(f"KEK {ref} is {spec.state}: it only unwraps, it wraps no new keys")
-        session = self._sessions[spec.uri.token or ""]
-        with _LOCK:
+
+def rewrap_kek_blob(old_master: Any, new_master: Any, blob: bytes, mechanism: int, name: str) -> bytes:
+    """Move a wrapped KEK from one master key to another inside the HSM (master rotation)."""
+    with _LOCK:
+        try:
+            kek = old_master.unwrap_key(
+                ObjectClass.SECRET_KEY,
+                KeyType.AES,
+                blob,
+                mechanism=_mech(mechanism),
+                store=False,
+                template=_TRANSIT_KEK_TEMPLATE,
+            )
+            try:
+                return bytes(new_master.wrap_key(kek, mechanism=_mech(mechanism)))
+            finally:
+                kek.destroy()
+        except p11e.PKCS11Error as exc:
+            if is_gone(exc):
+                raise unavailable(f"cannot rewrap KEK {name}", exc) from None
+            raise KeyProviderError(
+                f"KEK {name} could not be moved to the new master key: {type(exc).__name__}"
+            ) from None
+
+
+def wrap_dek(session: Any, kek: Any, dek: bytes | bytearray, mechanism: int, name: str) -> bytes:
+    """C_WrapKey of a DEK that enters the token as a short-lived session object."""
+    with _LOCK:
+        try:
             obj = session.create_object(
                 {
                     Attribute.CLASS: ObjectClass.SECRET_KEY,
                     Attribute.KEY_TYPE: KeyType.AES,
-                    Attribute.VALUE: dek,
-                    Attribute.TOKEN: False,
-                    Attribute.SENSITIVE: False,
-                    Attribute.EXTRACTABLE: True,
+                    Attribute.VALUE: bytes(dek),
+                    **_DEK_TEMPLATE,
                 }
             )
             try:
-                blob = kek.wrap_key(obj, mechanism=_mechanism(spec.mechanism, ref))
-            except p11e.PKCS11Error as exc:
-                raise KeyProviderError(f"HSM refused to wrap under KEK {ref}: {type(exc).__name__}") from None
+                return bytes(kek.wrap_key(obj, mechanism=_mech(mechanism)))
             finally:
                 obj.destroy()
-        if len(blob) != len(dek) + 8:
-            # RFC 5649 adds exactly 8 bytes to a 32-byte key. Tokens that give 0x210A another meaning
-            # (PKCS#11 3.x: PKCS#7 padding + RFC 3394) would otherwise be recorded as RFC 5649.
-            raise KeyProviderError(
-                f"wrap mechanism {spec.mechanism:#x} of KEK {ref} does not produce RFC 5649 output",
-                hint="set the KEK's mechanism to the token's RFC 5649 code (0x210B on PKCS#11 3.x tokens)",
+        except p11e.PKCS11Error as exc:
+            if is_gone(exc):
+                raise unavailable(f"cannot wrap under KEK {name}", exc) from None
+            raise KeyProviderError(f"HSM refused to wrap under KEK {name}: {type(exc).__name__}") from None
+
+
+def unwrap_dek(kek: Any, blob: bytes, mechanism: int, name: str) -> bytearray:
+    """C_UnwrapKey + read the value + destroy. Raises HeaderAuthError for a blob that does not
+    unwrap, HsmUnavailableError when the token is gone (SoftHSM2 answers a bad blob with
+    CKR_GENERAL_ERROR, so callers that must tell the two apart probe the token first)."""
+    with _LOCK:
+        try:
+            obj = kek.unwrap_key(
+                ObjectClass.SECRET_KEY,
+                KeyType.AES,
+                blob,
+                mechanism=_mech(mechanism),
+                store=False,
+                template=_DEK_TEMPLATE,
             )
-        return Wrapped(ref, WRAP_PKCS11_AES_KWP, bytes(blob))
+        except p11e.PKCS11Error as exc:
+            if is_gone(exc):
+                raise unavailable(f"cannot unwrap under KEK {name}", exc) from None
+            raise HeaderAuthError(f"the DEK does not unwrap under KEK {name}: wrong key or modified header") from None
+        try:
+            return bytearray(obj[Attribute.VALUE])
+        finally:
+            obj.destroy()
 
-    def unwrap(self, wrapped: Wrapped) -> bytes:
-        if wrapped.wrap_alg != WRAP_PKCS11_AES_KWP:
-            raise KeyProviderError(f"wrap algorithm {wrapped.wrap_alg} is not handled by the PKCS#11 provider")
-        kek, spec = self._kek(wrapped.ref)
-        with _LOCK:
-            try:
-                obj = kek.unwrap_key(
-                    ObjectClass.SECRET_KEY,
-                    KeyType.AES,
-                    wrapped.blob,
-                    mechanism=_mechanism(spec.mechanism, wrapped.ref),
-                    store=False,
-                    template={Attribute.SENSITIVE: False, Attribute.EXTRACTABLE: True, Attribute.TOKEN: False},
-                )
-            except p11e.PKCS11Error:
-                raise HeaderAuthError(
-                    f"the DEK does not unwrap under KEK {wrapped.ref}: wrong key or modified header"
-                ) from None
-            try:
-                dek = bytes(obj[Attribute.VALUE])
-            finally:
-                obj.destroy()
-        return dek
 
-    def self_test(self, domain: str) -> None:
-        """Wrap and unwrap a throwaway key so a broken HSM fails at start, not at first write."""
-        probe = os.urandom(32)
-        if self.unwrap(self.wrap(self.current(domain), probe)) != probe:
-            raise KeyProviderError(f"HSM self-test failed for domain {domain!r}")
+def rewrap_dek(
+    old_kek: Any, new_kek: Any, blob: bytes, old_mech: int, new_mech: int, name: str
+) -> tuple[bytearray, bytes]:
+    """Unwrap a DEK and wrap the very same token object under another KEK (rewrap).
 
-    def close(self) -> None:
-        with _LOCK:
-            for session in self._sessions.values():
-                with contextlib.suppress(p11e.PKCS11Error):
-                    session.close()
-            self._sessions.clear()
+    Four token calls (unwrap, read value, wrap, destroy) instead of six for an unwrap and a
+    wrap done apart. The value is returned so the caller can authenticate the header before it
+    uses the new wrapping.
+    """
+    with _LOCK:
+        try:
+            obj = old_kek.unwrap_key(
+                ObjectClass.SECRET_KEY,
+                KeyType.AES,
+                blob,
+                mechanism=_mech(old_mech),
+                store=False,
+                template=_DEK_TEMPLATE,
+            )
+        except p11e.PKCS11Error as exc:
+            if is_gone(exc):
+                raise unavailable(f"cannot unwrap under KEK {name}", exc) from None
+            raise HeaderAuthError(f"the DEK does not unwrap under KEK {name}: wrong key or modified header") from None
+        try:
+            dek = bytearray(obj[Attribute.VALUE])
+            return dek, bytes(new_kek.wrap_key(obj, mechanism=_mech(new_mech)))
+        except p11e.PKCS11Error as exc:
+            if is_gone(exc):
+                raise unavailable("cannot rewrap a DEK", exc) from None
+            raise KeyProviderError(f"HSM refused to rewrap a DEK: {type(exc).__name__}") from None
+        finally:
+            obj.destroy()
 
 
 def destroy_kek(session: Any, uri: Pkcs11Uri) -> bool:

@@ -1,0 +1,126 @@
+"""Keys as the mount uses them: a domain per plaintext path, wraps for new files, cached
+unwraps for opens, DEK renewal, and picking up key changes made while mounted.
+
+Kept out of the FUSE adapter so that fs.py only asks questions ("which domain?", "unwrap
+this") and the key rules stay testable without FUSE. Everything here that reaches the HSM
+runs in a worker thread; the provider serialises PKCS#11 itself (one call at a time).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from vcfs.config import config_path, load_config
+from vcfs.cryptfile import SEAL_BUDGET, CryptFile
+from vcfs.domainmap import DomainMap
+from vcfs.keys.base import STATE_DESTROYED, KeyRef, Wrapped
+from vcfs.keys.dekcache import DEFAULT_TTL, DekCache
+from vcfs.keys.keystore import keystore_path
+from vcfs.keys.provider import Pkcs11Provider
+from vcfs.keys.setup import HostKeyOptions, refresh_provider
+from vcfs.renew import DekRenewer
+
+log = logging.getLogger("vcfs.keys")
+RECOVER_EVERY = 2.0  # seconds between attempts to reach a token that went away
+
+
+class MountKeys:
+    def __init__(
+        self,
+        backing: Path,
+        provider: Pkcs11Provider,
+        opts: HostKeyOptions,
+        dek_cache_ttl: float = DEFAULT_TTL,
+        seal_budget: int = SEAL_BUDGET,
+        chown: bool = False,
+    ) -> None:
+        self.backing = backing
+        self.provider = provider
+        self._opts = opts
+        cfg = load_config(backing)
+        self.store_id = cfg.store_id
+        self.domains: DomainMap = cfg.domain_map()
+        self.cache = DekCache(provider.unwrap, dek_cache_ttl)
+        self.seal_budget = seal_budget
+        self.on_swap: Callable[[int, int], None] | None = None  # set by the FUSE adapter
+        self.renewer = DekRenewer(backing, provider.current, provider.wrap, self._swapped, chown)
+        self._watched = self._stamps()
+        self._last_recover = 0.0
+
+    # ---- key changes made while mounted (rotate, retire, destroy, domain add) -------------
+
+    def _stamps(self) -> tuple[int, int]:
+        def mtime(p: Path) -> int:
+            try:
+                return p.stat().st_mtime_ns
+            except FileNotFoundError:
+                return 0
+
+        return mtime(config_path(self.backing)), mtime(keystore_path(self.store_id, self._opts.keystore))
+
+    def refresh(self) -> None:
+        """Re-read config and keystore if either changed: two stat() calls when nothing did."""
+        stamps = self._stamps()
+        if stamps == self._watched:
+            return
+        cfg = load_config(self.backing)
+        refresh_provider(self.provider, cfg, self._opts)
+        self.domains = cfg.domain_map()
+        for d in cfg.domains.values():
+            for k in d.keks:
+                ref = KeyRef(d.name, k.version)
+                if self.provider.state(ref) == STATE_DESTROYED:
+                    self.cache.drop_kek(ref)
+        self._watched = stamps
+        log.info(
+            "keys changed: new files use %s", ", ".join(str(self.provider.current(d)) for d in self.provider.domains())
+        )
+
+    # ---- per file ------------------------------------------------------------------------
+
+    def domain_for(self, plain_path: str) -> str:
+        return self.domains.domain_of(plain_path)
+
+    def wrap_for(self, domain: str) -> Callable[[bytearray], Wrapped]:
+        """The wrap for a new file of ``domain`` (call in the HSM worker, after refresh())."""
+        ref = self.provider.current(domain)
+        return lambda dek: self.provider.wrap(ref, dek)
+
+    def unwrap(self, wrapped: Wrapped) -> bytearray:
+        """For opens: the token must be reachable and the KEK not destroyed, cache or not."""
+        self.provider.load(wrapped.ref)
+        return self.cache.unwrap(wrapped)
+
+    def opened(self, cf: CryptFile) -> None:
+        self.cache.hold(cf.opened_with)
+
+    def closed(self, wrapping: Wrapped) -> None:
+        self.cache.release(wrapping)
+
+    def _swapped(self, old_ino: int, new_ino: int) -> None:
+        if self.on_swap is not None:
+            self.on_swap(old_ino, new_ino)
+
+    # ---- upkeep (from the daemon's event loop, once a second) ----------------------------
+
+    def sweep(self) -> None:
+        self.cache.sweep()
+
+    def recover_due(self) -> bool:
+        if not any(self.provider.is_down(d) for d in self.provider.domains()):
+            return False
+        now = time.monotonic()
+        if now - self._last_recover < RECOVER_EVERY:
+            return False
+        self._last_recover = now
+        return True
+
+    def recover(self) -> None:
+        """Reach tokens that went away (HSM worker thread)."""
+        self.provider.recover()
+
+    def close(self) -> None:
+        self.cache.clear()
