@@ -81,7 +81,7 @@ def test_tamper_gives_eio_and_the_rest_stays_readable(mounted: Mounted, case: st
     (mounted.mnt / "b.bin").write_bytes(DATA_B)
     mounted.umount()
     damage, bad_block = CASES[case]
-    damage(mounted.tree / "a.bin", mounted.tree / "b.bin")
+    damage(mounted.backing_of("a.bin"), mounted.backing_of("b.bin"))
     mounted.mount()
     a = mounted.mnt / "a.bin"
     if bad_block == -1:
@@ -101,8 +101,10 @@ def test_tamper_gives_eio_and_the_rest_stays_readable(mounted: Mounted, case: st
 def test_renamed_backing_file_still_opens(mounted: Mounted) -> None:
     """Whole-file moves are not detected in v1 (content is not bound to its name): see THREAT_MODEL.md."""
     (mounted.mnt / "x.bin").write_bytes(b"x" * 1000)
+    (mounted.mnt / "y.bin").write_bytes(b"y")
+    x, y = mounted.backing_of("x.bin"), mounted.backing_of("y.bin")
     mounted.umount()
-    shutil.move(mounted.tree / "x.bin", mounted.tree / "y.bin")
+    shutil.move(x, y)
     mounted.mount()
     assert (mounted.mnt / "y.bin").read_bytes() == b"x" * 1000
 
@@ -110,7 +112,7 @@ def test_renamed_backing_file_still_opens(mounted: Mounted) -> None:
 def test_auth_failure_is_logged_with_path_and_block(mounted: Mounted, vcfs_home: Path) -> None:
     (mounted.mnt / "log.bin").write_bytes(DATA_A)
     mounted.umount()
-    _flip(mounted.tree / "log.bin", block_no_to_cipher_off(3) + 9)
+    _flip(mounted.backing_of("log.bin"), block_no_to_cipher_off(3) + 9)
     mounted.mount()
     with pytest.raises(OSError):
         (mounted.mnt / "log.bin").read_bytes()

@@ -32,6 +32,7 @@ KEY_ROTATE = "key.rotate"
 KEY_RETIRE = "key.retire"
 KEY_DESTROY = "key.destroy"
 BLOCK_AUTH_FAILED = "block.auth_failed"
+NAME_AUTH_FAILED = "name.auth_failed"  # an encrypted name that does not decrypt where it is (path=backing)
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,7 +2,13 @@
 
 Kept thin on purpose: no format or key logic lives here. What it owns is FUSE state
 (inodes, handles, open-file sharing), errno mapping and moving blocking work off the trio
-loop: crypto and disk I/O run in worker threads, HSM calls in exactly one.
+loop: crypto and disk I/O run in worker threads, HSM calls in exactly one. Names go through
+``self.inodes``, a vcfs/namespace.py ``Namespace``: plaintext names in, backing names (encrypted
+or plain) out, and ``self.inodes.plain_path(inode)`` for the plaintext path of an inode.
+
+Extended attributes are not implemented on purpose: pyfuse3's default answer (ENOSYS) makes
+the kernel reply ENOTSUP to every xattr call and stop asking, so no xattr name or value ever
+reaches the backing store (docs/FORMAT.md, "Names").
 
 Between awaits: ``_files`` (inode -> open CryptFile) is only changed under ``_open_lock``,
 so two concurrent opens of one inode share one CryptFile and a release never closes a file
@@ -12,7 +18,6 @@ that another open is just handing out.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import logging
 import os
@@ -28,16 +33,15 @@ import trio
 from vcfs.core.layout import cipher_to_plain_size_or_floor
 from vcfs.cryptfile import CryptFile, create_cryptfile, open_cryptfile
 from vcfs.errors import IntegrityError, KeyProviderError, VcfsError
-from vcfs.inodes import InodeTable
 from vcfs.keys.base import KeyProvider
+from vcfs.names import NameLayer
+from vcfs.namespace import Namespace
 from vcfs.store import open_backing
 
 log = logging.getLogger("vcfs.fs")
 _T = TypeVar("_T")
 
 ATTR_TIMEOUT = 5.0
-_libc = ctypes.CDLL(None, use_errno=True)
-_AT_FDCWD = -100
 
 
 @dataclass(slots=True)
@@ -46,20 +50,19 @@ class _Open:
     refs: int
 
 
-def _renameat2(old: bytes, new: bytes, flags: int) -> None:
-    if _libc.renameat2(_AT_FDCWD, old, _AT_FDCWD, new, ctypes.c_uint(flags)) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
 class VcfsOperations(pyfuse3.Operations):
     enable_writeback_cache = True
 
     def __init__(
-        self, tree: bytes, provider: KeyProvider, domain: str, refresh_keys: Callable[[], None] | None = None
+        self,
+        tree: bytes,
+        provider: KeyProvider,
+        domain: str,
+        refresh_keys: Callable[[], None] | None = None,
+        names: NameLayer | None = None,
     ) -> None:
         super().__init__()
-        self.inodes = InodeTable(tree)
+        self.inodes = Namespace(tree, names)
         self.provider = provider
         self.domain = domain
         self._refresh_keys = refresh_keys  # picks up a rotated KEK before a new file is wrapped
@@ -92,7 +95,8 @@ class VcfsOperations(pyfuse3.Operations):
         except OSError as exc:
             raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
 
-    def _attrs(self, st: os.stat_result, inode: int) -> pyfuse3.EntryAttributes:
+    def _attrs(self, st: os.stat_result, inode: int, where: tuple[int, bytes] | None = None) -> pyfuse3.EntryAttributes:
+        """Attributes of ``inode``; ``where`` = (parent inode, backing path) when it is not remembered yet."""
         attr = pyfuse3.EntryAttributes()
         attr.st_ino = inode
         attr.generation = 0
@@ -110,6 +114,8 @@ class VcfsOperations(pyfuse3.Operations):
         if stat.S_ISREG(st.st_mode):
             opened = self._files.get(inode)
             size = opened.cf.size if opened else cipher_to_plain_size_or_floor(st.st_size)
+        elif stat.S_ISLNK(st.st_mode):
+            size = self.inodes.link_size(inode, st, where)  # the plaintext target's length
         else:
             size = st.st_size
         attr.st_size = size
@@ -126,10 +132,11 @@ class VcfsOperations(pyfuse3.Operations):
             return os.fstat(opened.cf.fd)  # unlinked but still open
 
     def _entry(self, parent: int, name: bytes) -> pyfuse3.EntryAttributes:
-        st = os.lstat(self.inodes.child_path(parent, name))
+        path = self.inodes.child_path(parent, name)
+        st = os.lstat(path)
         inode = self.inodes.to_fuse(st.st_ino)
         self.inodes.remember(inode, parent, name)
-        return self._attrs(st, inode)
+        return self._attrs(st, inode, (parent, path))
 
     def _own(self, path: bytes, ctx: pyfuse3.RequestContext) -> None:
         if self._chown:
@@ -141,6 +148,9 @@ class VcfsOperations(pyfuse3.Operations):
             return fn()
         except OSError as exc:
             raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        except VcfsError as exc:  # a name or directory id that does not authenticate, a name too long
+            log.error("%s", exc.message)
+            raise pyfuse3.FUSEError(exc.errno) from None
 
     # ---- lookups and attributes ----------------------------------------------------------
 
@@ -217,7 +227,7 @@ class VcfsOperations(pyfuse3.Operations):
                     await self._unref(inode, opened)
 
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
-        return self._oserror(lambda: os.readlink(self.inodes.path(inode)))
+        return self._oserror(lambda: self.inodes.read_link(inode))
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         sv = self._oserror(lambda: os.statvfs(self.inodes.root_path))
@@ -237,23 +247,14 @@ class VcfsOperations(pyfuse3.Operations):
         return inode
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        def listing() -> list[tuple[bytes, os.stat_result]]:
-            path = self.inodes.path(fh)
-            out = []
-            for name in sorted(os.listdir(path)):
-                try:
-                    out.append((name, os.lstat(os.path.join(path, name))))
-                except FileNotFoundError:
-                    continue
-            return out
-
-        entries = await self._run(listing, label="readdir")
+        entries = await self._run(self.inodes.listing, fh, label="readdir")
         for i in range(start_id, len(entries)):
-            name, st = entries[i]
+            name, entry, st = entries[i]
             inode = self.inodes.to_fuse(st.st_ino)
-            if not pyfuse3.readdir_reply(token, name, self._attrs(st, inode), i + 1):
+            where = (fh, os.path.join(self.inodes.path(fh), entry)) if stat.S_ISLNK(st.st_mode) else None
+            if not pyfuse3.readdir_reply(token, name, self._attrs(st, inode, where), i + 1):
                 break
-            self.inodes.remember(inode, fh, name)
+            self.inodes.remember(inode, fh, name, entry)
 
     async def releasedir(self, fh: int) -> None:
         return None
@@ -272,30 +273,21 @@ class VcfsOperations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         def make() -> pyfuse3.EntryAttributes:
-            path = self.inodes.child_path(parent_inode, name)
-            os.mkdir(path, stat.S_IMODE(mode))
+            path = self.inodes.mkdir(parent_inode, name, mode)
             self._own(path, ctx)
             return self._entry(parent_inode, name)
 
         return await self._run(make, label="mkdir")
 
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        def remove() -> None:
-            inode = self.inodes.inode_at(parent_inode, name)
-            os.rmdir(self.inodes.child_path(parent_inode, name))
-            if inode is not None:
-                self.inodes.drop_link(inode, parent_inode, name)
-
-        await self._run(remove, label="rmdir")
+        await self._run(self.inodes.rmdir, parent_inode, name, label="rmdir")
 
     # ---- names ---------------------------------------------------------------------------
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         def remove() -> None:
-            inode = self.inodes.inode_at(parent_inode, name)
-            os.unlink(self.inodes.child_path(parent_inode, name))
+            inode = self.inodes.unlink(parent_inode, name)
             if inode is not None:
-                self.inodes.drop_link(inode, parent_inode, name)
                 self._keep_cache.pop(inode, None)
 
         await self._run(remove, label="unlink")
@@ -304,8 +296,9 @@ class VcfsOperations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         def make() -> pyfuse3.EntryAttributes:
-            path = self.inodes.child_path(parent_inode, name)
-            os.symlink(target, path)
+            stored = self.inodes.store_target(parent_inode, target)
+            with self.inodes.creating(parent_inode, name) as path:
+                os.symlink(stored, path)
             self._own(path, ctx)
             return self._entry(parent_inode, name)
 
@@ -315,7 +308,8 @@ class VcfsOperations(pyfuse3.Operations):
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         def make() -> pyfuse3.EntryAttributes:
-            os.link(self.inodes.path(inode), self.inodes.child_path(new_parent_inode, new_name), follow_symlinks=False)
+            with self.inodes.creating(new_parent_inode, new_name) as path:
+                os.link(self.inodes.path(inode), path, follow_symlinks=False)
             return self._entry(new_parent_inode, new_name)
 
         return await self._run(make, label="link")
@@ -329,24 +323,9 @@ class VcfsOperations(pyfuse3.Operations):
         flags: int,
         ctx: pyfuse3.RequestContext,
     ) -> None:
-        def move() -> None:
-            old = self.inodes.child_path(parent_inode_old, name_old)
-            new = self.inodes.child_path(parent_inode_new, name_new)
-            moved = self.inodes.inode_at(parent_inode_old, name_old)
-            replaced = self.inodes.inode_at(parent_inode_new, name_new)
-            if flags:
-                _renameat2(old, new, flags)
-            else:
-                os.rename(old, new)
-            if flags & pyfuse3.RENAME_EXCHANGE:
-                if replaced is not None:
-                    self.inodes.move(replaced, (parent_inode_new, name_new), (parent_inode_old, name_old))
-            elif replaced is not None and replaced != moved:
-                self.inodes.drop_link(replaced, parent_inode_new, name_new)
-            if moved is not None:
-                self.inodes.move(moved, (parent_inode_old, name_old), (parent_inode_new, name_new))
-
-        await self._run(move, label="rename")
+        await self._run(
+            self.inodes.rename, parent_inode_old, name_old, parent_inode_new, name_new, flags, label="rename"
+        )
 
     async def mknod(
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
@@ -359,8 +338,8 @@ class VcfsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EPERM)  # device nodes have no place in a recording store
 
         def make() -> pyfuse3.EntryAttributes:
-            path = self.inodes.child_path(parent_inode, name)
-            os.mknod(path, mode, rdev)
+            with self.inodes.creating(parent_inode, name) as path:
+                os.mknod(path, mode, rdev)
             self._own(path, ctx)
             return self._entry(parent_inode, name)
 
@@ -370,11 +349,10 @@ class VcfsOperations(pyfuse3.Operations):
 
     async def _open_cryptfile(self, inode: int) -> CryptFile:
         path = self._oserror(lambda: self.inodes.path(inode))
+        label = self._oserror(lambda: self.inodes.describe(inode))
         fd = self._oserror(lambda: open_backing(path))
         try:
-            return await self._run(
-                open_cryptfile, fd, os.fsdecode(path), self.provider.unwrap, label=os.fsdecode(path), hsm=True
-            )
+            return await self._run(open_cryptfile, fd, label, self.provider.unwrap, label=label, hsm=True)
         except BaseException:
             os.close(fd)
             raise
@@ -416,22 +394,27 @@ class VcfsOperations(pyfuse3.Operations):
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        path = self._oserror(lambda: self.inodes.child_path(parent_inode, name))
-        fd = self._oserror(lambda: os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, stat.S_IMODE(mode)))
+        path = self._oserror(lambda: self.inodes.prepare_child(parent_inode, name))
+        label = self.inodes.describe_child(parent_inode, name)
+        fd = -1
         try:
+            flags_ = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+            fd = self._oserror(lambda: os.open(path, flags_, stat.S_IMODE(mode)))
             self._own(path, ctx)
 
             def make() -> CryptFile:  # one trip to the HSM worker: refresh keys, wrap, write header
                 if self._refresh_keys is not None:
                     self._refresh_keys()
                 current = self.provider.current(self.domain)
-                return create_cryptfile(fd, os.fsdecode(path), lambda dek: self.provider.wrap(current, dek))
+                return create_cryptfile(fd, label, lambda dek: self.provider.wrap(current, dek))
 
-            cf = await self._run(make, label=os.fsdecode(path), hsm=True)
+            cf = await self._run(make, label=label, hsm=True)
         except BaseException:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(path)
+            if fd >= 0:
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            self.inodes.abandon_child(parent_inode, name)
             raise
         async with self._open_lock:
             attr = self._entry(parent_inode, name)

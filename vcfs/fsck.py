@@ -6,6 +6,10 @@ last authentic block, seals that block final, and keeps the removed bytes in
 BACKING/quarantine/. Damage inside a file (a bad block followed by good ones) or in its
 header is reported, never "repaired" by dropping data: reads of that range keep failing
 with EIO and the rest of the file stays readable.
+
+In a store with encrypted names, every name, directory id and symlink target is checked too
+(kind "name", reported with its backing path); repair removes only what an interrupted
+operation left behind (``vcfs.tmp.*`` leftovers and sidecars whose long entry is gone).
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ from pathlib import Path
 from vcfs.core.layout import BLOCK_SIZE, block_no_to_cipher_off
 from vcfs.cryptfile import CryptFile
 from vcfs.errors import FormatError, IntegrityError, KeyProviderError, UnterminatedError, VcfsError
-from vcfs.offline import OfflineStore, walk
+from vcfs.names import leftovers, remove_leftover
+from vcfs.names import walk as walk_names
+from vcfs.offline import OfflineStore
 from vcfs.store import lock_store, pread_exact
 from vcfs.storelayout import QUARANTINE_DIR
 
@@ -30,12 +36,13 @@ EXIT_CLEAN, EXIT_REPAIRED, EXIT_PROBLEMS = 0, 1, 2
 
 @dataclass
 class Problem:
-    path: str  # relative to the tree
-    kind: str  # header | block | tail
+    path: str  # plaintext path relative to the root (the backing path where the name does not decrypt)
+    kind: str  # header | block | tail | name | io
     detail: str
     block: int | None = None
     repaired: bool = False
     quarantined: str | None = None
+    backing: str | None = None  # relative to the backing tree (BACKING/files)
 
 
 @dataclass
@@ -114,7 +121,7 @@ def _check_file(store: OfflineStore, path: Path, rel: str, repair: bool, report:
         detail = "file ends in a torn or unterminated block" if bad or cf.torn_tail else "no complete block"
         problem = Problem(rel, "tail", f"{detail}; {keep} authentic blocks before it", block=keep)
         if repair:
-            problem.quarantined = _quarantine(store, rel, cf, keep)
+            problem.quarantined = _quarantine(store, str(path.relative_to(store.tree)), cf, keep)
             cf.repair_tail(keep)
             problem.repaired = True
         report.problems.append(problem)
@@ -125,20 +132,56 @@ def _check_file(store: OfflineStore, path: Path, rel: str, repair: bool, report:
 def fsck(store: OfflineStore, repair: bool, progress: Callable[[int, int], None] | None = None) -> FsckReport:
     lock_fd = lock_store(store.backing) if repair else None  # repair only on an unmounted store
     try:
-        entries = [(p, st) for p, st in walk(store.tree) if stat.S_ISREG(st.st_mode)]
         report = FsckReport()
-        for i, (path, _st) in enumerate(entries):
+        entries = _check_names(store, repair, report)
+        for i, (path, rel) in enumerate(entries):
             report.files += 1
-            rel = str(path.relative_to(store.tree))
+            first = len(report.problems)
             try:
                 _check_file(store, path, rel, repair, report)
             except VcfsError as exc:
                 report.problems.append(Problem(rel, "header", exc.message))
             except OSError as exc:
                 report.problems.append(Problem(rel, "io", f"{exc.strerror}"))
+            for p in report.problems[first:]:
+                p.backing = str(path.relative_to(store.tree))
             if progress:
                 progress(i + 1, len(entries))
         return report
     finally:
         if lock_fd is not None:
             os.close(lock_fd)
+
+
+def _check_names(store: OfflineStore, repair: bool, report: FsckReport) -> list[tuple[Path, str]]:
+    """Walk the tree by plaintext name: report every name, directory id and symlink target that
+    does not authenticate; returns the regular files to check, with their plaintext paths."""
+    files: list[tuple[Path, str]] = []
+    tree = os.fsencode(store.tree)
+
+    def name_problem(backing: bytes, detail: str) -> Problem:
+        rel = os.fsdecode(os.path.relpath(backing, tree))
+        problem = Problem(rel, "name", detail, backing=rel)
+        report.problems.append(problem)
+        return problem
+
+    dirs = [tree]
+    for w in walk_names(store.names, tree, b"/"):
+        if w.problem is not None or w.st is None or w.plain is None:
+            name_problem(w.backing, w.problem or "unreadable")
+        elif stat.S_ISREG(w.st.st_mode):
+            files.append((Path(os.fsdecode(w.backing)), os.fsdecode(w.plain).lstrip("/")))
+        elif stat.S_ISLNK(w.st.st_mode) and store.names.encrypted:
+            try:
+                store.names.load_target(w.parent, os.readlink(w.backing))
+            except VcfsError as exc:
+                name_problem(w.backing, f"symlink target: {exc.message}")
+        elif stat.S_ISDIR(w.st.st_mode):
+            dirs.append(w.backing)
+    for d in dirs:
+        for path in leftovers(store.names, d):
+            problem = name_problem(path, "left over from an interrupted operation")
+            if repair:
+                remove_leftover(path)
+                problem.repaired = True
+    return files

@@ -9,7 +9,6 @@ running it again later finishes the job. Every header update is an A/B slot writ
 from __future__ import annotations
 
 import os
-import stat
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
@@ -24,7 +23,8 @@ from vcfs.keys.base import STATE_DESTROYED, STATE_RETIRED, KeyRef
 from vcfs.keys.pkcs11 import destroy_kek, generate_kek
 from vcfs.keys.setup import HostKeyOptions, check_values, open_provider, refresh_provider
 from vcfs.keys.uri import Pkcs11Uri
-from vcfs.offline import walk
+from vcfs.namekeys import names_keys_under, rewrap_names_key
+from vcfs.offline import data_files
 from vcfs.store import pread_exact
 from vcfs.storelayout import tree_path
 
@@ -50,9 +50,7 @@ def usage_by_version(backing: Path) -> dict[KeyRef, int]:
     """How many files each KEK version wraps (newest slot of each header; not authenticated,
     which is fine for counting: a forged header gains nothing from being miscounted)."""
     counts: dict[KeyRef, int] = {}
-    for path, st in walk(tree_path(backing)):
-        if not stat.S_ISREG(st.st_mode):
-            continue
+    for path, _st in data_files(backing):
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
             try:
@@ -134,6 +132,12 @@ def destroy(backing: Path, domain_name: str, version: int, force: bool, opts: Ho
     entry = _entry(domain, version)
     if version == domain.current:
         raise UsageError(f"KEK {domain.name}/v{version} is current", hint=f"vcfs keys rotate {backing} {domain.name}")
+    names = names_keys_under(cfg, KeyRef(domain.name, version))
+    if names:  # never, not even with --force: it would shred every name of the domain at once
+        raise UsageError(
+            f"KEK {domain.name}/v{version} still wraps the names key of key domain {names[0]!r}",
+            hint=f"vcfs keys rewrap {backing} {names[0]} first (it rewraps the names key too)",
+        )
     in_use = usage_by_version(backing).get(KeyRef(domain.name, version), 0)
     if in_use and not force:
         raise UsageError(
@@ -155,6 +159,7 @@ def destroy(backing: Path, domain_name: str, version: int, force: bool, opts: Ho
 class RewrapReport:
     rewrapped: int = 0
     already: int = 0
+    names_key_rewrapped: bool = False
     busy: list[str] = field(default_factory=list)
     failed: list[dict[str, str]] = field(default_factory=list)
 
@@ -178,9 +183,10 @@ def rewrap(
     domain = _domain(cfg, domain_name or cfg.default_domain)
     target = KeyRef(domain.name, domain.current)
     report = RewrapReport()
-    files = [p for p, st in walk(tree_path(backing)) if stat.S_ISREG(st.st_mode)]
+    files = [p for p, _st in data_files(backing)]
     provider = open_provider(cfg, opts)
     try:
+        report.names_key_rewrapped = rewrap_names_key(backing, provider, domain.name)
         for i, path in enumerate(files):
             rel = str(path.relative_to(tree_path(backing)))
             try:

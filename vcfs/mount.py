@@ -21,6 +21,7 @@ from vcfs.errors import MountError, VcfsError
 from vcfs.fs import VcfsOperations
 from vcfs.keys.pkcs11 import Pkcs11Provider
 from vcfs.keys.setup import HostKeyOptions, open_provider, refresh_provider
+from vcfs.namekeys import name_layer
 from vcfs.store import lock_store
 from vcfs.storelayout import tree_path
 
@@ -96,9 +97,15 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
         check_mountpoint(opts.mountpoint)
         provider = open_provider(cfg, opts.keys)
         provider.self_test(cfg.default_domain)
+        names = name_layer(cfg, provider)  # unwraps the names keys: a wrong one fails here, not at first lookup
+        names.dir_key(os.fsencode(tree_path(opts.backing)), b"/")  # and so does a missing root directory id
         lock_store(opts.backing)  # only now: a refused mount leaves the store untouched
         ops = VcfsOperations(
-            os.fsencode(tree_path(opts.backing)), provider, cfg.default_domain, ConfigWatcher(opts.backing, provider)
+            os.fsencode(tree_path(opts.backing)),
+            provider,
+            cfg.default_domain,
+            ConfigWatcher(opts.backing, provider),
+            names,
         )
         options = set(pyfuse3.default_options)
         options |= {f"fsname={opts.backing}", "subtype=vcfs"}
