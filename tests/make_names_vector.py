@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.keywrap import aes_key_wrap_with_padding
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.keywrap import aes_key_wrap_with_padding
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
