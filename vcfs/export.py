@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from vcfs.core.layout import BLOCK_SIZE
+from vcfs.core.names import NAME_MAX
 from vcfs.errors import IntegrityError, UsageError, VcfsError
 from vcfs.names import Walked
 from vcfs.names import walk as walk_names
@@ -64,7 +65,7 @@ def decrypt_to(store: OfflineStore, backing_file: Path, out: BinaryIO) -> int:
 
 
 def _export_file(store: OfflineStore, src: Path, plain: str, dest: Path, report: ExportReport) -> None:
-    tmp = dest.with_name(dest.name + PARTIAL_SUFFIX)
+    tmp = partial_path(dest)
     try:
         with open(tmp, "wb") as out:
             report.bytes += decrypt_to(store, src, out)
@@ -73,6 +74,12 @@ def _export_file(store: OfflineStore, src: Path, plain: str, dest: Path, report:
         return
     os.replace(tmp, dest)
     report.files += 1
+
+
+def partial_path(dest: Path) -> Path:
+    """Where the authentic prefix of ``dest`` goes: NAME.vcfs-partial, NAME cut to fit 255 bytes."""
+    room = NAME_MAX - len(PARTIAL_SUFFIX)
+    return dest.with_name(os.fsdecode(os.fsencode(dest.name)[:room]) + PARTIAL_SUFFIX)
 
 
 def _rel(store: OfflineStore, path: Path) -> str:
@@ -151,7 +158,7 @@ def decrypt_file(store: OfflineStore, backing_file: Path, out_path: str) -> int:
     out = Path(out_path)
     if out.exists():
         raise UsageError(f"{out} exists; refusing to overwrite it")
-    tmp = out.with_name(out.name + PARTIAL_SUFFIX)
+    tmp = partial_path(out)
     try:
         with open(tmp, "wb") as f:
             size = decrypt_to(store, backing_file, f)

@@ -216,6 +216,9 @@ def _read_small(path: bytes, limit: int) -> bytes:
         os.close(fd)
 
 
+_DIR_ID_HINT = "restore the directory's id file from a backup of the store: without it no name in it decrypts"
+
+
 def read_dir_id(dir_path: bytes) -> bytes:
     """The 16-byte id of a backing directory; NameAuthError if its id file is missing or malformed."""
     try:
@@ -223,12 +226,16 @@ def read_dir_id(dir_path: bytes) -> bytes:
     except FileNotFoundError:
         if not os.path.isdir(dir_path):
             raise
-        raise NameAuthError(f"{os.fsdecode(dir_path)}: directory has no {DIR_ID_NAME.decode()} file") from None
+        raise NameAuthError(
+            f"{os.fsdecode(dir_path)}: directory has no {DIR_ID_NAME.decode()} file",
+            hint=_DIR_ID_HINT,
+        ) from None
     except OSError as exc:
         raise NameAuthError(f"{os.fsdecode(dir_path)}: cannot read its directory id: {exc.strerror}") from None
     if len(data) != DIR_ID_LEN:
         raise NameAuthError(
-            f"{os.fsdecode(dir_path)}: {DIR_ID_NAME.decode()} is {len(data)} bytes, expected {DIR_ID_LEN}"
+            f"{os.fsdecode(dir_path)}: {DIR_ID_NAME.decode()} is {len(data)} bytes, expected {DIR_ID_LEN}",
+            hint=_DIR_ID_HINT,
         )
     return data
 
