@@ -253,3 +253,29 @@ def test_backing_names_never_contain_a_dot_and_internal_names_are_not_entries() 
         with pytest.raises(NameAuthError):
             codec().decrypt(internal, DIR_ID)
     assert classify(b"holiday.mp4").value == "foreign"
+
+
+# ---- properties -------------------------------------------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_names = st.binary(min_size=1, max_size=255).filter(
+    lambda b: b"/" not in b and b"\0" not in b and b not in (b".", b"..")
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(name=_names, dir_id=st.binary(min_size=16, max_size=16))
+def test_every_valid_name_round_trips_through_both_decoders(name: bytes, dir_id: bytes) -> None:
+    en = codec().encrypt(name, dir_id)
+    assert len(en.entry) <= 255 and (en.sidecar is None) == (len(name) <= 159)
+    assert codec().decrypt(en.entry, dir_id, en.sidecar) == name
+    assert ind_decode_name(ind_names_key(SECRET), dir_id, en.entry, en.sidecar) == name
+
+
+@settings(max_examples=300, deadline=None)
+@given(entry=st.binary(min_size=1, max_size=255), sidecar=st.none() | st.binary(max_size=300))
+def test_arbitrary_backing_names_are_refused_with_a_name_error(entry: bytes, sidecar: bytes | None) -> None:
+    with pytest.raises(NameAuthError):
+        codec().decrypt(entry, DIR_ID, sidecar)

@@ -50,6 +50,12 @@ class _Open:
     refs: int
 
 
+@dataclass(slots=True)
+class _OpenDir:
+    inode: int
+    entries: list[tuple[bytes, bytes, os.stat_result]] | None = None  # this pass's listing
+
+
 class VcfsOperations(pyfuse3.Operations):
     enable_writeback_cache = True
 
@@ -68,6 +74,7 @@ class VcfsOperations(pyfuse3.Operations):
         self._refresh_keys = refresh_keys  # picks up a rotated KEK before a new file is wrapped
         self._files: dict[int, _Open] = {}
         self._handles: dict[int, int] = {}  # fh -> inode
+        self._dir_handles: dict[int, _OpenDir] = {}  # directory fh -> inode and listing
         self._next_fh = 1
         self._open_lock = trio.Lock()
         self._hsm = trio.CapacityLimiter(1)
@@ -244,24 +251,41 @@ class VcfsOperations(pyfuse3.Operations):
     # ---- directories ---------------------------------------------------------------------
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        return inode
+        fh = self._next_fh
+        self._next_fh += 1
+        self._dir_handles[fh] = _OpenDir(inode)
+        return fh
+
+    def _open_dir(self, fh: int) -> _OpenDir:
+        opened = self._dir_handles.get(fh)
+        if opened is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        return opened
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        entries = await self._run(self.inodes.listing, fh, label="readdir")
+        opened = self._open_dir(fh)
+        parent = opened.inode
+        if start_id == 0 or opened.entries is None:
+            # Listed (and names decrypted) once per pass: the kernel asks for a large directory
+            # in many small batches, and listing it again for each would cost O(n^2).
+            opened.entries = await self._run(self.inodes.listing, parent, label="readdir")
+        entries = opened.entries
         for i in range(start_id, len(entries)):
             name, entry, st = entries[i]
             inode = self.inodes.to_fuse(st.st_ino)
-            where = (fh, os.path.join(self.inodes.path(fh), entry)) if stat.S_ISLNK(st.st_mode) else None
+            where = (parent, os.path.join(self.inodes.path(parent), entry)) if stat.S_ISLNK(st.st_mode) else None
             if not pyfuse3.readdir_reply(token, name, self._attrs(st, inode, where), i + 1):
                 break
-            self.inodes.remember(inode, fh, name, entry)
+            self.inodes.remember(inode, parent, name, entry)
 
     async def releasedir(self, fh: int) -> None:
-        return None
+        self._dir_handles.pop(fh, None)
 
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        inode = self._open_dir(fh).inode
+
         def sync() -> None:
-            fd = os.open(self.inodes.path(fh), os.O_RDONLY | os.O_DIRECTORY)
+            fd = os.open(self.inodes.path(inode), os.O_RDONLY | os.O_DIRECTORY)
             try:
                 os.fsync(fd)
             finally:

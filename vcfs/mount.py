@@ -22,6 +22,7 @@ from vcfs.fs import VcfsOperations
 from vcfs.keys.pkcs11 import Pkcs11Provider
 from vcfs.keys.setup import HostKeyOptions, open_provider, refresh_provider
 from vcfs.namekeys import name_layer
+from vcfs.names import check_layout
 from vcfs.store import lock_store
 from vcfs.storelayout import tree_path
 
@@ -98,7 +99,8 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
         provider = open_provider(cfg, opts.keys)
         provider.self_test(cfg.default_domain)
         names = name_layer(cfg, provider)  # unwraps the names keys: a wrong one fails here, not at first lookup
-        names.dir_key(os.fsencode(tree_path(opts.backing)), b"/")  # and so does a missing root directory id
+        check_layout(names, os.fsencode(tree_path(opts.backing)))
+        names.dir_key(os.fsencode(tree_path(opts.backing)), b"/")  # a missing root directory id fails here
         lock_store(opts.backing)  # only now: a refused mount leaves the store untouched
         ops = VcfsOperations(
             os.fsencode(tree_path(opts.backing)),

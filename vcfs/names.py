@@ -46,7 +46,7 @@ from vcfs.core.names import (
     is_entry,
     sidecar_of,
 )
-from vcfs.errors import NameAuthError, UsageError
+from vcfs.errors import ConfigError, NameAuthError, UsageError
 from vcfs.store import fsync_dir
 
 log = logging.getLogger("vcfs.names")
@@ -246,6 +246,26 @@ def write_dir_id(dir_path: bytes) -> None:
     fsync_dir(os.fsdecode(dir_path))
 
 
+def check_layout(names: NameLayer, tree: bytes) -> None:
+    """Refuse a tree with encrypted names when the config says names are plain.
+
+    Editing ``features.encrypted_names`` in the config must not make vcfs write new names in
+    the clear into a store whose names are encrypted.
+    """
+    if names.encrypted:
+        return
+    marker = os.path.join(tree, DIR_ID_NAME)
+    try:
+        st = os.lstat(marker)
+    except FileNotFoundError:
+        return
+    if stat.S_ISREG(st.st_mode) and st.st_size == DIR_ID_LEN:
+        raise ConfigError(
+            f"the store config says names are plain, but {os.fsdecode(tree)} holds encrypted names",
+            hint="features.encrypted_names in vcfs.conf was changed: restore vcfs.conf from a backup",
+        )
+
+
 def remove_leftover(path: bytes) -> None:
     """Delete a ``vcfs.tmp.*`` leftover: a file, or a directory holding only vcfs's own files."""
     if not stat.S_ISDIR(os.lstat(path).st_mode):
@@ -287,20 +307,21 @@ class EncryptedNames:
             self._enc.put(key, en)
         return en
 
-    def name_of(self, dir_path: bytes, dk: DirKey, entry: bytes) -> bytes:
+    def name_of(self, dir_path: bytes, dk: DirKey, entry: bytes, kind: Kind | None = None) -> bytes:
         """Decrypt one backing name of the directory at ``dir_path`` (reads the sidecar of a long one)."""
         codec = self._codec(dk)
         key = (codec, dk.dir_id, entry)
         name = self._dec.get(key)
         if name is not None:
             return name
+        kind = classify(entry) if kind is None else kind
         sidecar = None
-        if classify(entry) is Kind.LONG:
+        if kind is Kind.LONG:
             try:
                 sidecar = _read_small(os.path.join(dir_path, sidecar_of(entry)), 4096)
             except FileNotFoundError:
                 sidecar = None
-        name = codec.decrypt(entry, dk.dir_id, sidecar)
+        name = codec.decrypt(entry, dk.dir_id, sidecar, kind)
         self._dec.put(key, name)
         self._enc.put((codec, dk.dir_id, name), EntryName(entry, sidecar))
         return name
@@ -316,7 +337,7 @@ class EncryptedNames:
                 bad.append(BadName(entry, "not a name vcfs writes"))
                 continue
             try:
-                good.append(Listed(self.name_of(dir_path, dk, entry), entry))
+                good.append(Listed(self.name_of(dir_path, dk, entry, kind), entry))
             except NameAuthError as exc:
                 bad.append(BadName(entry, exc.message))
         return good, bad

@@ -19,7 +19,7 @@ from vcfs.errors import ConfigError, UsageError
 from vcfs.keys.pkcs11 import Pkcs11Provider
 from vcfs.keys.setup import HostKeyOptions, open_provider
 from vcfs.namekeys import name_layer
-from vcfs.names import NameLayer, PlainNames, resolve, unresolve
+from vcfs.names import NameLayer, PlainNames, check_layout, resolve, unresolve
 from vcfs.storelayout import TREE_DIR, tree_path
 
 
@@ -58,7 +58,9 @@ def open_store(backing: Path, opts: HostKeyOptions) -> OfflineStore:
     cfg = load_config(backing)
     provider = open_provider(cfg, opts)
     try:
-        return OfflineStore(backing, cfg, provider, name_layer(cfg, provider))
+        names = name_layer(cfg, provider)
+        check_layout(names, os.fsencode(tree_path(backing)))
+        return OfflineStore(backing, cfg, provider, names)
     except BaseException:
         provider.close()
         raise

@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass
 from enum import Enum
 
-from cryptography.hazmat.primitives import hashes, padding
+from cryptography.hazmat.primitives import hashes
 
 from vcfs.core.aead import AuthFailed, NamesKey
 from vcfs.errors import NameAuthError, NameTooLongError, UsageError
@@ -49,6 +49,7 @@ LONG_SUFFIX = b".long"
 SIDECAR_SUFFIX = b".name"
 _B64 = rb"[A-Za-z0-9_-]"
 _SHORT_RE = re.compile(_B64 + rb"{1,255}")
+_B64_RE = re.compile(_B64 + rb"+")
 _LONG_RE = re.compile(_B64 + rb"{43}" + re.escape(LONG_SUFFIX))
 _SIDECAR_RE = re.compile(_B64 + rb"{43}" + re.escape(SIDECAR_SUFFIX))
 
@@ -103,11 +104,16 @@ def b64encode(raw: bytes) -> bytes:
     return base64.urlsafe_b64encode(raw).rstrip(b"=")
 
 
+_URL_TO_STD = bytes.maketrans(b"-_", b"+/")
+
+
 def b64decode(text: bytes) -> bytes:
     """Strict base64url without padding: only the canonical encoding of some bytes is accepted."""
+    if not _B64_RE.fullmatch(text):
+        raise NameAuthError("not a base64url name")
     try:
-        raw = base64.b64decode(text + b"=" * (-len(text) % 4), altchars=b"-_", validate=True)
-    except (binascii.Error, ValueError):
+        raw = binascii.a2b_base64(text.translate(_URL_TO_STD) + b"=" * (-len(text) % 4))
+    except binascii.Error:
         raise NameAuthError("not a base64url name") from None
     if b64encode(raw) != text:
         raise NameAuthError("not a canonical base64url name")
@@ -121,16 +127,17 @@ def sha256(data: bytes) -> bytes:
 
 
 def _pad(data: bytes) -> bytes:
-    p = padding.PKCS7(PAD_TO * 8).padder()
-    return p.update(data) + p.finalize()
+    """PKCS#7 (RFC 5652, 6.3) to a multiple of 16: k bytes of value k, 1 <= k <= 16."""
+    k = PAD_TO - len(data) % PAD_TO
+    return data + bytes((k,)) * k
 
 
 def _unpad(data: bytes) -> bytes:
-    u = padding.PKCS7(PAD_TO * 8).unpadder()
-    try:
-        return u.update(data) + u.finalize()
-    except ValueError:
-        raise NameAuthError("bad padding in an authentic name") from None
+    """Undo ``_pad``; only ever applied to authenticated plaintext, so no oracle to guard."""
+    k = data[-1] if data else 0
+    if not 1 <= k <= PAD_TO or data[-k:] != bytes((k,)) * k:
+        raise NameAuthError("bad padding in an authentic name")
+    return data[:-k]
 
 
 def _valid(name: bytes) -> bool:
@@ -161,12 +168,13 @@ class NameCodec:
             return EntryName(text)
         return EntryName(b64encode(sha256(sealed)) + LONG_SUFFIX, sealed)
 
-    def decrypt(self, entry: bytes, dir_id: bytes, sidecar: bytes | None = None) -> bytes:
+    def decrypt(self, entry: bytes, dir_id: bytes, sidecar: bytes | None = None, kind: Kind | None = None) -> bytes:
         """The plaintext name of ``entry``; for a long entry, ``sidecar`` is its sidecar's content.
 
         Raises NameAuthError for anything that was not written by this key for this directory.
+        ``kind`` is ``classify(entry)`` when the caller already has it.
         """
-        kind = classify(entry)
+        kind = classify(entry) if kind is None else kind
         if kind is Kind.SHORT:
             sealed = b64decode(entry)
         elif kind is Kind.LONG:
