@@ -105,19 +105,21 @@ def b64encode(raw: bytes) -> bytes:
 
 
 _URL_TO_STD = bytes.maketrans(b"-_", b"+/")
+_B64_VALUE = {c: i for i, c in enumerate(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")}
 
 
-def b64decode(text: bytes) -> bytes:
-    """Strict base64url without padding: only the canonical encoding of some bytes is accepted."""
-    if not _B64_RE.fullmatch(text):
+def b64decode(text: bytes, alphabet_checked: bool = False) -> bytes:
+    """Strict base64url without padding: only the canonical encoding of some bytes is accepted
+    (``alphabet_checked``: the caller already matched ``text`` against the base64url alphabet)."""
+    if not alphabet_checked and not _B64_RE.fullmatch(text):
         raise NameAuthError("not a base64url name")
-    try:
-        raw = binascii.a2b_base64(text.translate(_URL_TO_STD) + b"=" * (-len(text) % 4))
-    except binascii.Error:
-        raise NameAuthError("not a base64url name") from None
-    if b64encode(raw) != text:
+    tail = len(text) % 4
+    if tail == 1:
+        raise NameAuthError("not a base64url name")
+    # Canonical: the bits of the last character that encode no byte are zero.
+    if tail and _B64_VALUE[text[-1]] & (0x0F if tail == 2 else 0x03):
         raise NameAuthError("not a canonical base64url name")
-    return raw
+    return binascii.a2b_base64(text.translate(_URL_TO_STD) + b"=" * (-len(text) % 4))
 
 
 def sha256(data: bytes) -> bytes:
@@ -176,7 +178,7 @@ class NameCodec:
         """
         kind = classify(entry) if kind is None else kind
         if kind is Kind.SHORT:
-            sealed = b64decode(entry)
+            sealed = b64decode(entry, alphabet_checked=True)
         elif kind is Kind.LONG:
             if sidecar is None:
                 raise NameAuthError("long name without its sidecar")
