@@ -119,6 +119,13 @@ PLAIN_DIR = DirKey(b"", None)
 class Listed:
     name: bytes  # plaintext name
     entry: bytes  # backing name
+    ino: int = 0  # backing inode number as the directory listing gave it (d_ino): lstat in this order
+
+
+def _scan(dir_path: bytes) -> list[tuple[bytes, int]]:
+    """(name, d_ino) of every entry, by name: one getdents pass, no stat."""
+    with os.scandir(dir_path) as it:
+        return sorted((e.name, e.inode()) for e in it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,7 +173,7 @@ class PlainNames:
         return entry
 
     def list_dir(self, dir_path: bytes, dk: DirKey) -> tuple[list[Listed], list[BadName]]:
-        return [Listed(n, n) for n in sorted(os.listdir(dir_path))], []
+        return [Listed(n, n, ino) for n, ino in _scan(dir_path)], []
 
     def prepare(self, dir_path: bytes, en: EntryName) -> None:
         return None
@@ -329,7 +336,7 @@ class EncryptedNames:
     def list_dir(self, dir_path: bytes, dk: DirKey) -> tuple[list[Listed], list[BadName]]:
         good: list[Listed] = []
         bad: list[BadName] = []
-        for entry in sorted(os.listdir(dir_path)):
+        for entry, ino in _scan(dir_path):
             kind = classify(entry)
             if kind in (Kind.SIDECAR, Kind.DIR_ID, Kind.TMP):
                 continue
@@ -337,7 +344,7 @@ class EncryptedNames:
                 bad.append(BadName(entry, "not a name vcfs writes"))
                 continue
             try:
-                good.append(Listed(self.name_of(dir_path, dk, entry, kind), entry))
+                good.append(Listed(self.name_of(dir_path, dk, entry, kind), entry, ino))
             except NameAuthError as exc:
                 bad.append(BadName(entry, exc.message))
         return good, bad

@@ -111,13 +111,13 @@ class Namespace:
             plain = os.fsdecode(self.plain_path(inode))
             log.error("name left out of the listing of %s: %s: %s", plain, where, b.reason)
             events.emit(events.NAME_AUTH_FAILED, path=where, reason=b.reason)
-        out = []
-        for item in good:
+        stats = {}
+        for item in sorted(good, key=lambda g: g.ino):  # inode order: far fewer seeks on a cold cache
             try:
-                out.append((item.name, item.entry, os.lstat(os.path.join(path, item.entry))))
+                stats[item.entry] = os.lstat(os.path.join(path, item.entry))
             except FileNotFoundError:
                 continue
-        return out
+        return [(item.name, item.entry, stats[item.entry]) for item in good if item.entry in stats]
 
     # ---- namespace operations --------------------------------------------------------------
 
