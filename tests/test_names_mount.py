@@ -354,6 +354,9 @@ def test_missing_names_key_or_root_id_is_a_clear_error(mounted: Mounted) -> None
     conf.write_text(text.replace(wrapped, wrapped[:-2] + ("00" if wrapped[-2:] != "00" else "11")))
     res = run_vcfs("mount", str(mounted.backing), str(mounted.mnt), check=False)
     assert res.returncode == 4 and "names key of key domain 'default' does not unwrap" in res.stderr
+    conf.write_text(text.replace("encrypted_names = true", "encrypted_names = false"))
+    res = run_vcfs("mount", str(mounted.backing), str(mounted.mnt), check=False)
+    assert res.returncode == 3 and "holds encrypted names" in res.stderr  # no downgrade to names in the clear
     conf.write_text(text)
     os.unlink(mounted.tree / "vcfs.dirid")
     res = run_vcfs("mount", str(mounted.backing), str(mounted.mnt), check=False)
