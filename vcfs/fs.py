@@ -156,7 +156,7 @@ class VcfsOperations(pyfuse3.Operations):
         except OSError as exc:
             raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
         except VcfsError as exc:  # a name or directory id that does not authenticate, a name too long
-            log.error("%s", exc.message)
+            (log.error if isinstance(exc, IntegrityError) else log.debug)("%s", exc.message)
             raise pyfuse3.FUSEError(exc.errno) from None
 
     # ---- lookups and attributes ----------------------------------------------------------
@@ -418,7 +418,10 @@ class VcfsOperations(pyfuse3.Operations):
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        path = self._oserror(lambda: self.inodes.prepare_child(parent_inode, name))
+        if self._oserror(lambda: self.inodes.needs_sidecar(parent_inode, name)):  # writes and syncs a file
+            path = await self._run(self.inodes.prepare_child, parent_inode, name, label="create")
+        else:
+            path = self._oserror(lambda: self.inodes.prepare_child(parent_inode, name))
         label = self.inodes.describe_child(parent_inode, name)
         fd = -1
         try:

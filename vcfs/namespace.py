@@ -121,6 +121,10 @@ class Namespace:
 
     # ---- namespace operations --------------------------------------------------------------
 
+    def needs_sidecar(self, parent: int, name: bytes) -> bool:
+        """True if creating ``name`` in ``parent`` first writes a long-name sidecar (disk I/O)."""
+        return self._en(parent, name).sidecar is not None
+
     def prepare_child(self, parent: int, name: bytes) -> bytes:
         """The backing path to create ``name`` at, with a long name's sidecar already written.
 
