@@ -27,7 +27,6 @@ import logging
 import os
 import secrets
 import stat
-import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -82,23 +81,26 @@ def _rename_noreplace(old: bytes, new: bytes) -> None:
 
 
 class _Lru(Generic[_K, _V]):
-    """A bounded map, least recently used out first."""
+    """A bounded map, least recently used out first.
+
+    No lock: each OrderedDict operation is atomic under the GIL, and the only race (two threads
+    evicting, or a lookup of a key evicted meanwhile) costs at most a cache miss.
+    """
 
     def __init__(self, size: int) -> None:
         self._size = size
         self._data: OrderedDict[_K, _V] = OrderedDict()
-        self._lock = threading.Lock()
 
     def get(self, key: _K) -> _V | None:
-        with self._lock:
-            value = self._data.get(key)
-            if value is not None:
+        value = self._data.get(key)
+        if value is not None:
+            with contextlib.suppress(KeyError):
                 self._data.move_to_end(key)
-            return value
+        return value
 
     def put(self, key: _K, value: _V) -> None:
-        with self._lock:
-            self._data[key] = value
+        self._data[key] = value
+        with contextlib.suppress(KeyError):
             self._data.move_to_end(key)
             if len(self._data) > self._size:
                 self._data.popitem(last=False)
