@@ -18,15 +18,12 @@ from vcfs import names as names_mod
 from vcfs.core.aead import NamesKey
 from vcfs.core.names import DIR_ID_NAME, NameCodec
 from vcfs.errors import NameAuthError, UsageError
+from vcfs.namepaths import leftovers, resolve, unresolve, walk
 from vcfs.names import (
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
     EncryptedNames,
-    leftovers,
     read_dir_id,
-    resolve,
-    unresolve,
-    walk,
     write_dir_id,
 )
 

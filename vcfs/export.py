@@ -17,8 +17,8 @@ from typing import BinaryIO
 from vcfs.core.layout import BLOCK_SIZE
 from vcfs.core.names import NAME_MAX
 from vcfs.errors import IntegrityError, UsageError, VcfsError
-from vcfs.names import Walked
-from vcfs.names import walk as walk_names
+from vcfs.namepaths import Walked
+from vcfs.namepaths import walk as walk_names
 from vcfs.offline import OfflineStore, subtree
 
 CHUNK = 16 * BLOCK_SIZE

@@ -24,8 +24,9 @@ from pathlib import Path
 from vcfs.core.layout import BLOCK_SIZE, block_no_to_cipher_off
 from vcfs.cryptfile import CryptFile
 from vcfs.errors import FormatError, IntegrityError, KeyProviderError, UnterminatedError, VcfsError
-from vcfs.names import leftovers, remove_leftover
-from vcfs.names import walk as walk_names
+from vcfs.namepaths import leftovers
+from vcfs.namepaths import walk as walk_names
+from vcfs.names import remove_leftover
 from vcfs.offline import OfflineStore
 from vcfs.store import lock_store, pread_exact
 from vcfs.storelayout import QUARANTINE_DIR

@@ -3,8 +3,8 @@ operations that keep them consistent (docs/FORMAT.md, "Names"). Storage layer, b
 
 One small interface, two implementations: ``PlainNames`` (stores made with ``--plain-names``
 and every store made before names were encrypted: a backing name is the plaintext name) and
-``EncryptedNames``. The mount (through vcfs/namespace.py), fsck, export and the path tool all
-go through it, so they agree on every rule.
+``EncryptedNames``. The mount (through vcfs/namespace.py), fsck, export and the path tool (through
+vcfs/namepaths.py) all go through it, so they agree on every rule.
 
 Crash safety (encrypted names): a directory appears under its name only once its id file is
 written and synced (it is built under a ``vcfs.tmp.*`` name and renamed into place); rmdir and
@@ -28,15 +28,13 @@ import os
 import secrets
 import stat
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
 from vcfs.core.names import (
     DIR_ID_LEN,
     DIR_ID_NAME,
-    LONG_SUFFIX,
-    SIDECAR_SUFFIX,
     TMP_PREFIX,
     EntryName,
     Kind,
@@ -45,7 +43,7 @@ from vcfs.core.names import (
     is_entry,
     sidecar_of,
 )
-from vcfs.errors import ConfigError, NameAuthError, UsageError
+from vcfs.errors import ConfigError, NameAuthError
 from vcfs.store import fsync_dir
 
 log = logging.getLogger("vcfs.names")
@@ -462,99 +460,3 @@ class EncryptedNames:
             target = codec.decrypt_target(stored)
             self._targets.put((codec, stored), target)
         return target
-
-
-# ---- offline: plaintext path <-> backing path, and walking the tree by plaintext name ---------------
-
-
-def _components(plain: str) -> list[bytes]:
-    parts = [os.fsencode(p) for p in plain.split("/") if p and p != "."]
-    if b".." in parts:
-        raise UsageError(f"{plain}: '..' is not allowed in a path inside the store")
-    return parts
-
-
-def resolve(names: NameLayer, tree: bytes, plain: str) -> bytes:
-    """The backing path of the existing entry at plaintext path ``plain`` ("/" is the tree itself)."""
-    path, plain_dir = tree, b"/"
-    for part in _components(plain):
-        en = names.entry(names.dir_key(path, plain_dir), part)
-        path = os.path.join(path, en.entry)
-        plain_dir = os.path.join(plain_dir, part)
-        if not os.path.lexists(path):
-            raise UsageError(f"{os.fsdecode(plain_dir)} does not exist in the store")
-    return path
-
-
-def unresolve(names: NameLayer, tree: bytes, backing: bytes) -> bytes:
-    """The plaintext path of the backing entry ``backing`` (a path under ``tree``)."""
-    rel = os.path.relpath(os.path.abspath(backing), os.path.abspath(tree))
-    if rel == b".":
-        return b"/"
-    if rel.startswith(b".."):
-        raise UsageError(f"{os.fsdecode(backing)} is not inside the store's tree {os.fsdecode(tree)}")
-    path, plain = tree, b"/"
-    for part in rel.split(b"/"):
-        if names.encrypted and not is_entry(part):
-            kind = classify(part)
-            what = "vcfs's own file" if kind is not Kind.FOREIGN else "not a name vcfs writes"
-            raise UsageError(f"{os.fsdecode(os.path.join(path, part))} is {what} ({kind.value}), not an entry")
-        name = names.name_of(path, names.dir_key(path, plain), part)
-        path, plain = os.path.join(path, part), os.path.join(plain, name)
-    return plain
-
-
-@dataclass(frozen=True, slots=True)
-class Walked:
-    """One backing entry met while walking a tree: its plaintext path, or why it has none."""
-
-    backing: bytes
-    st: os.stat_result | None
-    plain: bytes | None = None  # None: undecryptable (see ``problem``)
-    problem: str | None = None
-    parent: DirKey = PLAIN_DIR  # of the directory holding it (decrypts a symlink target)
-
-
-def walk(names: NameLayer, start: bytes, plain_start: bytes) -> Iterator[Walked]:
-    """Every entry below the backing directory ``start`` (plaintext path ``plain_start``), parents
-    first, each directory's entries in backing-name order. Bad names and directories whose id
-    cannot be read are yielded with a ``problem`` (and a directory whose id is bad is not entered)."""
-    try:
-        dk = names.dir_key(start, plain_start)
-        good, bad = names.list_dir(start, dk)
-    except NameAuthError as exc:
-        yield Walked(start, None, plain_start, exc.message)
-        return
-    except FileNotFoundError:
-        return
-    for b in bad:
-        path = os.path.join(start, b.entry)
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            continue
-        yield Walked(path, st, None, b.reason, dk)
-    for item in good:
-        path = os.path.join(start, item.entry)
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            continue
-        plain = os.path.join(plain_start, item.name)
-        yield Walked(path, st, plain, None, dk)
-        if stat.S_ISDIR(st.st_mode):
-            yield from walk(names, path, plain)
-
-
-def leftovers(names: NameLayer, dir_path: bytes) -> list[bytes]:
-    """vcfs's own files in a backing directory that nothing uses: interrupted-operation leftovers
-    and sidecars whose long entry is gone."""
-    if not names.encrypted:
-        return []
-    here = set(os.listdir(dir_path))
-    out = []
-    for name in sorted(here):
-        kind = classify(name)
-        if kind is Kind.TMP or (kind is Kind.SIDECAR and name[: -len(SIDECAR_SUFFIX)] + LONG_SUFFIX not in here):
-            out.append(os.path.join(dir_path, name))
-    return out

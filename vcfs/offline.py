@@ -19,7 +19,8 @@ from vcfs.errors import ConfigError, UsageError
 from vcfs.keys.pkcs11 import Pkcs11Provider
 from vcfs.keys.setup import HostKeyOptions, open_provider
 from vcfs.namekeys import name_layer
-from vcfs.names import NameLayer, PlainNames, check_layout, resolve, unresolve
+from vcfs.namepaths import resolve, unresolve
+from vcfs.names import NameLayer, PlainNames, check_layout
 from vcfs.storelayout import TREE_DIR, tree_path
 
 
