@@ -48,7 +48,7 @@ TMP_PREFIX = b"vcfs.tmp."  # half-done mkdir / rmdir / rename-over-directory, an
 LONG_SUFFIX = b".long"
 SIDECAR_SUFFIX = b".name"
 _B64 = rb"[A-Za-z0-9_-]"
-_SHORT_RE = re.compile(_B64 + rb"{1,255}")
+_B64_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 _B64_RE = re.compile(_B64 + rb"+")
 _LONG_RE = re.compile(_B64 + rb"{43}" + re.escape(LONG_SUFFIX))
 _SIDECAR_RE = re.compile(_B64 + rb"{43}" + re.escape(SIDECAR_SUFFIX))
@@ -66,12 +66,12 @@ class Kind(Enum):
 
 
 def classify(entry: bytes) -> Kind:
+    if b"." not in entry:  # the common case, without a regex: all base64url, at most 255 bytes
+        return Kind.SHORT if 0 < len(entry) <= NAME_MAX and not entry.translate(None, _B64_CHARS) else Kind.FOREIGN
     if entry == DIR_ID_NAME:
         return Kind.DIR_ID
     if entry.startswith(TMP_PREFIX):
         return Kind.TMP
-    if _SHORT_RE.fullmatch(entry):
-        return Kind.SHORT
     if _LONG_RE.fullmatch(entry):
         return Kind.LONG
     if _SIDECAR_RE.fullmatch(entry):
@@ -105,7 +105,7 @@ def b64encode(raw: bytes) -> bytes:
 
 
 _URL_TO_STD = bytes.maketrans(b"-_", b"+/")
-_B64_VALUE = {c: i for i, c in enumerate(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")}
+_B64_VALUE = {c: i for i, c in enumerate(_B64_CHARS)}
 
 
 def b64decode(text: bytes, alphabet_checked: bool = False) -> bytes:
