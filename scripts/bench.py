@@ -4,6 +4,10 @@ Runs the same workloads, interleaved and repeated, on a plain directory, vcfs, g
 a no-crypto pyfuse3 passthrough (the ceiling of a Python FUSE daemon), all on the same disk
 in one run, and reports medians, min-max and ratios. Speed is only ever compared within one
 run: this machine is shared and noisy.
+
+The encrypted-names cost has its own workload and target: ``ls_lR_5000`` on ``vcfs`` (names
+encrypted, the default) and ``vcfs-plain`` (a ``--plain-names`` store). Run it alone with
+``scripts/bench --names`` (= ``--only ls_lR_5000 --targets vcfs,vcfs-plain``).
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ class Target:
     stop: Callable[[], object] = lambda: None
     backing: Path | None = None  # vcfs only: its store, for the fsck workload
     env: dict[str, str] | None = None
+    restart: Callable[[], object] | None = None  # a fresh daemon (cold caches); None: nothing to restart
 
     def cpu_seconds(self) -> float:
         if self.pid is None:
@@ -82,15 +87,9 @@ def setup_targets(work: Path, names: list[str]) -> list[Target]:
     if "plain" in names:
         (work / "plain").mkdir()
         targets.append(Target("plain", work / "plain"))
-    if "vcfs" in names:
-        env = {**os.environ, "VCFS_HOME": str(work / "vcfs-home")}
-        mnt = work / "vcfs-mnt"
-        mnt.mkdir()
-        sh(PY, "-m", "vcfs", "init", str(work / "vcfs-store"), env=env)
-        sh(PY, "-m", "vcfs", "mount", str(work / "vcfs-store"), str(mnt), env=env)
-        targets.append(Target("vcfs", mnt, pid_of(f"vcfs mount -f .*{mnt}"),
-                              lambda mnt=mnt, env=env: sh(PY, "-m", "vcfs", "umount", str(mnt), env=env),
-                              work / "vcfs-store", env))
+    for name in ("vcfs", "vcfs-plain"):
+        if name in names:
+            targets.append(setup_vcfs(work, name, ["--plain-names"] if name == "vcfs-plain" else []))
     if "vcfs-audit" in names:  # the same daemon with an access policy and an audit trail
         env = {**os.environ, "VCFS_HOME": str(work / "vcfs-home")}
         mnt = work / "vcfs-audit-mnt"
@@ -122,6 +121,26 @@ def setup_targets(work: Path, names: list[str]) -> list[Target]:
         targets.append(Target("passthrough", mnt, proc.pid,
                               lambda mnt=mnt, proc=proc: (sh("fusermount3", "-u", str(mnt)), proc.wait())))
     return targets
+
+
+def setup_vcfs(work: Path, name: str, init_args: list[str]) -> Target:
+    env = {**os.environ, "VCFS_HOME": str(work / "vcfs-home")}
+    store, mnt = work / f"{name}-store", work / f"{name}-mnt"
+    mnt.mkdir()
+    sh(PY, "-m", "vcfs", "init", str(store), *init_args, env=env)
+    sh(PY, "-m", "vcfs", "mount", str(store), str(mnt), env=env)
+    def stop() -> None:
+        sh(PY, "-m", "vcfs", "umount", str(mnt), env=env)
+
+    t = Target(name, mnt, pid_of(f"vcfs mount -f .*{mnt}"), stop, store, env)
+
+    def restart() -> None:
+        sh(PY, "-m", "vcfs", "umount", str(mnt), env=env)
+        sh(PY, "-m", "vcfs", "mount", str(store), str(mnt), env=env)
+        t.pid = pid_of(f"vcfs mount -f .*{mnt}")
+
+    t.restart = restart
+    return t
 
 
 # ---- workloads: each returns {metric: value}; "s" suffix = seconds (lower is better) ----------
@@ -200,6 +219,35 @@ def w_metadata(t: Target, n: int = 5000) -> dict[str, float]:
     wall = time.monotonic() - t0
     d.rmdir()
     return {"s": wall}
+
+
+def w_ls_lR(t: Target, dirs: int = 50, per_dir: int = 100) -> dict[str, float]:
+    """``ls -lR`` over dirs x per_dir files with recording-like names (30-60 bytes).
+
+    cold_s: a fresh daemon (empty name caches) and dropped kernel caches; warm_s: dropped kernel
+    caches only, so every entry is listed and looked up again through the daemon's name caches.
+    *_cpu_s: the daemon's CPU time for the same run (less at the mercy of a busy machine).
+    """
+    root = t.mnt / "names"
+    if not root.exists():  # built once per target, outside the timing
+        for d in range(dirs):
+            sub = root / f"2026-11-{d % 28 + 1:02d}_channel-{d:03d}_customer-acme-{d * 7919 % 1000:03d}"
+            sub.mkdir(parents=True)
+            for i in range(per_dir):
+                name = f"call_uid{d * per_dir + i}_meeting-{i * 31 % 997:03d}_2026-11-28T10{i % 60:02d}.mp4"
+                (sub / name).write_bytes(b"")
+    out: dict[str, float] = {}
+    for label, restart in (("cold_s", True), ("warm_s", False)):
+        if restart and t.restart is not None:
+            t.restart()
+        drop_caches()
+        cpu0, t0 = t.cpu_seconds(), time.monotonic()
+        with open(os.devnull, "wb") as devnull:
+            subprocess.run(["ls", "-lR", str(root)], check=True, stdout=devnull)
+        out[label] = time.monotonic() - t0
+        if t.pid is not None:
+            out[label.replace("_s", "_cpu_s")] = t.cpu_seconds() - cpu0
+    return out
 
 
 def w_ffmpeg(t: Target) -> dict[str, float]:
@@ -381,6 +429,7 @@ class Results:
 
 
 HIGHER_IS_BETTER = {"MiB/s", "IOPS", "cat_MiB/s", "fsck_MiB/s", "fsck_vs_cat"}
+TIME_METRICS = {"s", "cold_s", "warm_s", "cold_cpu_s", "warm_cpu_s"}
 
 
 def report(res: Results, extra: dict[str, object]) -> dict[str, object]:
@@ -397,7 +446,7 @@ def report(res: Results, extra: dict[str, object]) -> dict[str, object]:
                 ratio = ""
                 if tname == "vcfs":
                     parts = []
-                    for base in ("plain", "gocryptfs", "passthrough"):
+                    for base in ("plain", "vcfs-plain", "gocryptfs", "passthrough"):
                         if base in per and per[base]["median"] and s["median"]:
                             r = s["median"] / per[base]["median"]
                             if m not in HIGHER_IS_BETTER:
@@ -421,7 +470,7 @@ def chart(data: dict[str, object], path: Path) -> None:
         print("bench: matplotlib not installed; no chart (pip install matplotlib)", file=sys.stderr)
         return
     wls = data["workloads"]  # type: ignore[index]
-    rows = [(wl, m) for wl, t in wls.items() for m in t if m in HIGHER_IS_BETTER or m in ("s",)]  # type: ignore[union-attr]
+    rows = [(wl, m) for wl, t in wls.items() for m in t if m in HIGHER_IS_BETTER or m in TIME_METRICS]  # type: ignore[union-attr]
     fig, axes = plt.subplots(len(rows), 1, figsize=(8, 1.6 * len(rows) + 1))
     for ax, (wl, m) in zip(axes if len(rows) > 1 else [axes], rows, strict=False):
         per = wls[wl][m]  # type: ignore[index]
@@ -444,6 +493,9 @@ def main() -> int:
     ap.add_argument("--skip", default="", help="comma list of workloads to skip (seq_write_4k,recorders,...)")
     ap.add_argument("--workloads", default="", help="'audit': only the recorder workload with auditing off vs on")
     ap.add_argument("--audit-streams", default="8", help="recorder streams of the audit workload (default 8)")
+    ap.add_argument("--only", default="", help="comma list of workloads to run (default: all)")
+    ap.add_argument("--names", action="store_true", help="only the encrypted-names workload: "
+                    "--only ls_lR_5000 --targets vcfs,vcfs-plain")
     ap.add_argument("--workdir", default="/var/tmp/vcfs-bench", help="same disk as the backing store you care about")
     ap.add_argument("--out", default="bench-results", help="directory for JSON and PNG")
     ap.add_argument("--rewrap", type=int, metavar="N", help="only the rewrap workload: N files (e.g. 10000), "
@@ -451,6 +503,8 @@ def main() -> int:
     ap.add_argument("--rewrap-jobs", type=int, default=2, metavar="J", help="worker processes for the second "
                     "rewrap of each round (default 2)")
     args = ap.parse_args()
+    if args.names:
+        args.only, args.targets = "ls_lR_5000", "vcfs,vcfs-plain"
     size = int(args.size) * MiB
     work = Path(args.workdir)
     if work.exists():
@@ -476,6 +530,7 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
         return 0
     skip = set(filter(None, args.skip.split(",")))
+    only = set(filter(None, args.only.split(",")))
     targets = setup_targets(work, args.targets.split(","))
     res = Results()
     try:
@@ -488,13 +543,14 @@ def main() -> int:
             ("rand_4k_read_warm", lambda t: w_rand_read(t, size, cold=False)),
             ("fsck", w_fsck),
             ("metadata_5000", w_metadata),
+            ("ls_lR_5000", w_ls_lR),
             ("ffmpeg_record_20s", w_ffmpeg),
         ]
         for n in filter(None, args.recorders.split(",")):
             plan.append((f"recorders_{n}", lambda t, n=int(n): w_recorders(t, n, args.recorder_seconds)))
         for rep in range(args.repeat):
             for wl, fn in plan:
-                if wl in skip or wl.split("_")[0] in skip:
+                if wl in skip or wl.split("_")[0] in skip or (only and wl not in only):
                     continue
                 order = targets if rep % 2 == 0 else list(reversed(targets))
                 for t in order:

@@ -17,6 +17,10 @@ from typing import Any
 
 import pytest
 
+from vcfs.errors import UsageError
+from vcfs.keys.setup import HostKeyOptions
+from vcfs.offline import OfflineStore, open_store
+
 VCFS = [sys.executable, "-m", "vcfs"]
 
 
@@ -54,6 +58,45 @@ class Mounted:
     @property
     def tree(self) -> Path:
         return self.backing / "files"
+
+    def _store(self) -> OfflineStore:
+        return open_store(self.backing, HostKeyOptions())
+
+    def backing_of(self, rel: str) -> Path:
+        """The backing path of plaintext path ``rel`` (stores encrypt names by default)."""
+        store = self._store()
+        try:
+            return store.backing_of(rel)
+        finally:
+            store.close()
+
+    def backing_if_exists(self, rel: str) -> Path | None:
+        try:
+            return self.backing_of(rel)
+        except UsageError:
+            return None
+
+    def backing_names(self, rel_dir: str = "/") -> list[str]:
+        """The plaintext names the backing directory of ``rel_dir`` holds, read offline (not through the mount)."""
+        store = self._store()
+        try:
+            path = os.fsencode(store.backing_of(rel_dir))
+            good, bad = store.names.list_dir(path, store.names.dir_key(path, os.fsencode("/" + rel_dir.strip("/"))))
+            assert not bad, bad
+            return sorted(os.fsdecode(item.name) for item in good)
+        finally:
+            store.close()
+
+    def backing_target(self, rel: str) -> str:
+        """The stored target of the symlink at ``rel``, decrypted offline."""
+        store = self._store()
+        try:
+            path = os.fsencode(store.backing_of(rel))
+            parent = os.path.dirname(path)
+            dk = store.names.dir_key(parent, os.fsencode(os.path.dirname("/" + rel.strip("/"))))
+            return os.fsdecode(store.names.load_target(dk, os.readlink(path)))
+        finally:
+            store.close()
 
     def umount(self) -> None:
         run_vcfs("umount", str(self.mnt))

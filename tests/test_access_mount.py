@@ -397,9 +397,9 @@ def test_block_authentication_failures_are_audited_and_a_burst_alerts(guarded: G
     data = os.urandom(5 * 65536)
     (guarded.mnt / "cam.bin").write_bytes(data)
     guarded.umount()
-    raw = bytearray((guarded.tree / "cam.bin").read_bytes())
+    raw = bytearray((guarded.backing_of("cam.bin")).read_bytes())
     raw[block_no_to_cipher_off(3) + 9] ^= 1
-    (guarded.tree / "cam.bin").write_bytes(raw)
+    (guarded.backing_of("cam.bin")).write_bytes(raw)
     guarded.mount()
     for _ in range(3):
         with pytest.raises(OSError):

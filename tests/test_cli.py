@@ -69,7 +69,7 @@ def test_corrupt_config_is_refused_and_nothing_written(filled: Mounted) -> None:
 
 def test_unknown_feature_is_refused(filled: Mounted) -> None:
     conf = filled.backing / "vcfs.conf"
-    conf.write_text(conf.read_text().replace("encrypted_names = false", "encrypted_names = false\nzstd = true"))
+    conf.write_text(conf.read_text().replace("[features]\n", "[features]\nzstd = true\n"))
     _fails(["mount", str(filled.backing), str(filled.mnt)], 3, "features this vcfs does not know: zstd")
 
 

@@ -84,15 +84,15 @@ def test_each_region_decrypts_only_with_its_own_token(regions: Mounted, vcfs_hom
     for name, content in data.items():
         (regions.mnt / name).write_bytes(content)
     regions.umount()
-    assert _header_domains(regions.tree / "eu/a.ts") == {"eu"}
-    assert _header_domains(regions.tree / "us/b.ts") == {"us"}
-    assert _header_domains(regions.tree / "c.ts") == {"default"}
+    assert _header_domains(regions.backing_of("eu/a.ts")) == {"eu"}
+    assert _header_domains(regions.backing_of("us/b.ts")) == {"us"}
+    assert _header_domains(regions.backing_of("c.ts")) == {"default"}
     for gone, readable, unreadable in (("eu-hsm", "us/b.ts", "eu/a.ts"), ("us-hsm", "eu/a.ts", "us/b.ts")):
         with token_away(vcfs_home, gone):
             out = tmp_path / f"out-{gone}"
-            run_vcfs("decrypt", str(regions.tree / readable), str(out))
+            run_vcfs("decrypt", str(regions.backing_of(readable)), str(out))
             assert out.read_bytes() == data[readable]
-            res = run_vcfs("decrypt", str(regions.tree / unreadable), str(tmp_path / "never"), check=False)
+            res = run_vcfs("decrypt", str(regions.backing_of(unreadable)), str(tmp_path / "never"), check=False)
             assert res.returncode == 4 and "HSM unavailable" in res.stderr and "Traceback" not in res.stderr
             assert not (tmp_path / "never").exists()
 
@@ -159,7 +159,7 @@ def test_rename_across_domains_is_exdev_and_mv_reencrypts(regions: Mounted) -> N
     subprocess.run(["mv", str(mnt / "eu" / "b.ts"), str(mnt / "us" / "b.ts")], check=True)
     assert (mnt / "us" / "b.ts").read_bytes() == b"moving to the us"
     assert not (mnt / "eu" / "b.ts").exists()
-    assert _header_domains(regions.tree / "us" / "b.ts") == {"us"}
+    assert _header_domains(regions.backing_of("us/b.ts")) == {"us"}
 
 
 def test_new_prefix_and_rewrap_move_files_to_their_domain(store: Path, tmp_path: Path) -> None:

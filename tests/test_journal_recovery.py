@@ -39,7 +39,7 @@ def _crash_while_appending(m: Mounted, monkeypatch: pytest.MonkeyPatch) -> Path:
         os.fsync(f.fileno())
     (m.mnt / "other.bin").write_bytes(b"unrelated")
     m.umount()
-    path = m.tree / "rec.bin"
+    path = m.backing_of("rec.bin")
     provider = open_provider(load_config(m.backing), HostKeyOptions())
     real = os.pwritev
     try:
@@ -72,7 +72,7 @@ def crashed(mounted: Mounted, monkeypatch: pytest.MonkeyPatch) -> Iterator[Mount
 
 def test_the_crash_really_tore_fsynced_bytes(crashed: Mounted, vcfs_home: Path) -> None:
     """Without the journal the torn block is lost: what the journal is for."""
-    path = crashed.tree / "rec.bin"
+    path = crashed.backing_of("rec.bin")
     provider = open_provider(load_config(crashed.backing), HostKeyOptions())
     try:
         cf = open_cryptfile(os.open(path, os.O_RDONLY), str(path), provider.unwrap)  # no journal
@@ -108,7 +108,7 @@ def test_export_and_decrypt_of_the_crashed_store_use_the_journal(crashed: Mounte
     assert json.loads(res.stdout)["problems"] == []
     assert (dest / "rec.bin").read_bytes() == FSYNCED
     assert (dest / "other.bin").read_bytes() == b"unrelated"
-    run_vcfs("decrypt", str(crashed.tree / "rec.bin"), str(tmp_path / "one.bin"))
+    run_vcfs("decrypt", str(crashed.backing_of("rec.bin")), str(tmp_path / "one.bin"))
     assert (tmp_path / "one.bin").read_bytes() == FSYNCED
     assert {p.name: p.read_bytes() for p in (crashed.backing / "journal").iterdir()} == before  # untouched
 
@@ -125,7 +125,7 @@ def test_mount_applies_the_journal_before_serving(crashed: Mounted, vcfs_home: P
 
 
 def test_orphan_journal_is_counted_and_removed_by_repair(crashed: Mounted) -> None:
-    os.unlink(crashed.tree / "rec.bin")  # the file was deleted before the crash was recovered
+    os.unlink(crashed.backing_of("rec.bin"))  # the file was deleted before the crash was recovered
     report = json.loads(run_vcfs("fsck", str(crashed.backing), "--json").stdout)
     assert report["orphan_journals"] == 1 and report["problems"] == []
     report = json.loads(run_vcfs("fsck", str(crashed.backing), "--repair", "--json").stdout)

@@ -92,7 +92,8 @@ def test_rewrap_skips_files_open_in_the_mount(mounted: Mounted) -> None:
     run_vcfs("keys", "rotate", str(mounted.backing), "default")
     with open(mounted.mnt / "a", "rb") as held:
         res = run_vcfs("keys", "rewrap", str(mounted.backing), "--json", check=False)
-        assert res.returncode == 1 and json.loads(res.stdout)["busy"] == ["a"]
+        busy = [str(mounted.backing_of("a").relative_to(mounted.tree))]  # backing paths: names may be encrypted
+        assert res.returncode == 1 and json.loads(res.stdout)["busy"] == busy
         assert held.read() == b"a" * 1000
     time.sleep(0.2)  # release reaches the daemon asynchronously
     assert run_vcfs("keys", "rewrap", str(mounted.backing)).returncode == 0
@@ -118,7 +119,12 @@ def test_destroy_crypto_shreds_files_and_their_backups(mounted: Mounted, tmp_pat
     mounted.umount()
     backup = tmp_path / "backup.tar"
     subprocess.run(["tar", "-cf", str(backup), "-C", str(mounted.backing), "."], check=True)
+    backing_rel = mounted.backing_of("secret.mp4").relative_to(mounted.backing)
     run_vcfs("keys", "rotate", str(mounted.backing), "default")
+    res = run_vcfs("keys", "destroy", str(mounted.backing), "default", "1", "--force", check=False)
+    assert res.returncode == 2 and "still wraps the names key" in res.stderr  # even --force does not shred names
+    # Move only the names key to v2 (no file is under v2, so --from 2 rewraps no file).
+    run_vcfs("keys", "rewrap", str(mounted.backing), "default", "--from", "2")
     res = run_vcfs("keys", "destroy", str(mounted.backing), "default", "1", check=False)
     assert res.returncode == 2 and "1 files are still wrapped" in res.stderr
     run_vcfs("keys", "destroy", str(mounted.backing), "default", "1", "--force")
@@ -132,7 +138,7 @@ def test_destroy_crypto_shreds_files_and_their_backups(mounted: Mounted, tmp_pat
     restored = tmp_path / "restored"
     restored.mkdir()
     subprocess.run(["tar", "-xf", str(backup), "-C", str(restored)], check=True)
-    res = run_vcfs("decrypt", str(restored / "files" / "secret.mp4"), str(tmp_path / "out"), check=False)
+    res = run_vcfs("decrypt", str(restored / backing_rel), str(tmp_path / "out"), check=False)
     assert res.returncode == 4 and "Traceback" not in res.stderr
     shutil.rmtree(restored)
 
@@ -156,14 +162,14 @@ def test_keystore_copies_and_master_rotation(mounted: Mounted, vcfs_home: Path, 
     run_vcfs("keys", "rotate", str(mounted.backing), "default")
     run_vcfs("keys", "destroy", str(mounted.backing), "default", "1", "--force")
     out = tmp_path / "out"
-    res = run_vcfs("decrypt", str(mounted.tree / "old.mp4"), str(out), check=False)
+    res = run_vcfs("decrypt", str(mounted.backing_of("old.mp4")), str(out), check=False)
     assert res.returncode == 4 and "was destroyed" in res.stderr
     current_keystore = keystore.read_bytes()
     keystore.write_bytes(old_keystore)  # someone restores a keystore backup from before the destroy...
     conf = mounted.backing / "vcfs.conf"
     current_conf = conf.read_text()
     subprocess.run(["tar", "-xf", str(backup), "-C", str(mounted.backing), "./vcfs.conf"], check=True)
-    run_vcfs("decrypt", str(mounted.tree / "old.mp4"), str(out))  # ...and v1 is back: not shredded yet
+    run_vcfs("decrypt", str(mounted.backing_of("old.mp4")), str(out))  # ...and v1 is back: not shredded yet
     assert out.read_bytes() == b"wrapped under v1" * 1000
     keystore.write_bytes(current_keystore)
     conf.write_text(current_conf)
@@ -172,7 +178,7 @@ def test_keystore_copies_and_master_rotation(mounted: Mounted, vcfs_home: Path, 
     current_keystore = keystore.read_bytes()
     keystore.write_bytes(old_keystore)  # the same restore after the master rotation
     subprocess.run(["tar", "-xf", str(backup), "-C", str(mounted.backing), "./vcfs.conf"], check=True)
-    res = run_vcfs("decrypt", str(mounted.tree / "old.mp4"), str(tmp_path / "never"), check=False)
+    res = run_vcfs("decrypt", str(mounted.backing_of("old.mp4")), str(tmp_path / "never"), check=False)
     assert res.returncode == 4 and "destroyed by a master-key rotation" in res.stderr
     assert not (tmp_path / "never").exists()
     keystore.write_bytes(current_keystore)

@@ -43,7 +43,7 @@ def test_fsck_clean_store(filled: Mounted) -> None:
 
 @pytest.mark.parametrize("cut", ["torn", "boundary"])
 def test_fsck_repairs_a_cut_tail(filled: Mounted, cut: str) -> None:
-    backing = filled.tree / "rec" / "big.mp4"
+    backing = filled.backing_of("rec/big.mp4")
     end = block_no_to_cipher_off(3) + (777 if cut == "torn" else 0)
     os.truncate(backing, end)
     code, report = _fsck(filled)
@@ -58,7 +58,7 @@ def test_fsck_repairs_a_cut_tail(filled: Mounted, cut: str) -> None:
 
 
 def test_fsck_reports_inner_damage_and_does_not_drop_data(filled: Mounted) -> None:
-    backing = filled.tree / "rec" / "big.mp4"
+    backing = filled.backing_of("rec/big.mp4")
     raw = bytearray(backing.read_bytes())
     raw[block_no_to_cipher_off(2) + 50] ^= 0x80
     backing.write_bytes(raw)
@@ -90,7 +90,7 @@ def test_export_round_trips_the_tree(filled: Mounted, tmp_path: Path) -> None:
 
 
 def test_export_subpath_and_damaged_file(filled: Mounted, tmp_path: Path) -> None:
-    backing = filled.tree / "rec" / "big.mp4"
+    backing = filled.backing_of("rec/big.mp4")
     raw = bytearray(backing.read_bytes())
     raw[block_no_to_cipher_off(4) + 9] ^= 1
     backing.write_bytes(raw)
@@ -104,9 +104,9 @@ def test_export_subpath_and_damaged_file(filled: Mounted, tmp_path: Path) -> Non
 
 def test_decrypt_one_file(filled: Mounted, tmp_path: Path) -> None:
     out = tmp_path / "one.mp4"
-    run_vcfs("decrypt", str(filled.tree / "rec" / "big.mp4"), str(out))
+    run_vcfs("decrypt", str(filled.backing_of("rec/big.mp4")), str(out))
     assert out.read_bytes() == BIG
-    res = run_vcfs("decrypt", str(filled.tree / "note.txt"), "-")
+    res = run_vcfs("decrypt", str(filled.backing_of("note.txt")), "-")
     assert res.stdout == "hello"
-    res = run_vcfs("decrypt", str(filled.tree / "note.txt"), str(out), check=False)
+    res = run_vcfs("decrypt", str(filled.backing_of("note.txt")), str(out), check=False)
     assert res.returncode == 2 and "refusing to overwrite" in res.stderr

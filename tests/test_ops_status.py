@@ -134,7 +134,7 @@ def test_status_counts_authentication_failures(configured: tuple[Mounted, int, P
     m, _port, _prom = configured
     (m.mnt / "victim.bin").write_bytes(pattern(2 * 65536))
     m.umount()
-    backing_file = m.tree / "victim.bin"
+    backing_file = m.backing_of("victim.bin")
     raw = bytearray(backing_file.read_bytes())
     raw[-100] ^= 0x01  # inside the last block's ciphertext
     backing_file.write_bytes(bytes(raw))

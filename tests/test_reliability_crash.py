@@ -210,8 +210,9 @@ def test_kill_9_during_concurrent_writes_keeps_fsynced_data(mounted: Mounted, vc
             if not m.created:
                 # Killed before its create returned: missing, or a 0-byte backing file if killed
                 # between the O_EXCL create and the header write (FORMAT.md, "New files").
-                if (mounted.tree / name).exists():
-                    if os.path.getsize(mounted.tree / name) < 4096:
+                backing = mounted.backing_if_exists(name)
+                if backing is not None:
+                    if os.path.getsize(backing) < 4096:
                         stats["lost_creates"] += 1
                     path.unlink()
                 del models[name]

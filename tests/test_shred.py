@@ -21,7 +21,7 @@ def test_shred_a_file_in_the_mount(mounted: Mounted, tmp_path: Path) -> None:
     (mounted.mnt / "leak.mp4").write_bytes(secret)
     (mounted.mnt / "keep.mp4").write_bytes(b"keep")
     time.sleep(0.2)  # the write's release reaches the daemon asynchronously
-    before = (mounted.tree / "leak.mp4").read_bytes()
+    before = (mounted.backing_of("leak.mp4")).read_bytes()
     backup = tmp_path / "backup"
     subprocess.run(["cp", "-a", str(mounted.backing), str(backup)], check=True)
     with open(mounted.mnt / "leak.mp4", "rb"):
@@ -29,10 +29,10 @@ def test_shred_a_file_in_the_mount(mounted: Mounted, tmp_path: Path) -> None:
         assert res.returncode == 1 and json.loads(res.stdout)["busy"] == [str(mounted.mnt / "leak.mp4")]
     time.sleep(0.2)
     # Keep the shredded backing file's inode reachable to look at its bytes after the unlink.
-    os.link(mounted.tree / "leak.mp4", tmp_path / "inode")
+    os.link(mounted.backing_of("leak.mp4"), tmp_path / "inode")
     res = run_vcfs("shred", str(mounted.mnt / "leak.mp4"), "--json")
     assert json.loads(res.stdout)["shredded"] == [str(mounted.mnt / "leak.mp4")]
-    assert not (mounted.mnt / "leak.mp4").exists() and not (mounted.tree / "leak.mp4").exists()
+    assert not (mounted.mnt / "leak.mp4").exists() and mounted.backing_if_exists("leak.mp4") is None
     after = (tmp_path / "inode").read_bytes()
     for i in range(2):  # both key slots overwritten; the blocks are left, but without any key
         assert after[slot_offset(i) : slot_offset(i) + SLOT_LEN] != before[slot_offset(i) : slot_offset(i) + SLOT_LEN]

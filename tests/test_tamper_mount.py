@@ -111,7 +111,7 @@ def test_tamper_gives_eio_and_the_rest_stays_readable(mounted: Mounted, vcfs_hom
     (mounted.mnt / "b.bin").write_bytes(DATA_B)
     mounted.umount()
     damage, bad_block = CASES[case]
-    damage(mounted.tree / "a.bin", mounted.tree / "b.bin")
+    damage(mounted.backing_of("a.bin"), mounted.backing_of("b.bin"))
     logged = len(_log(vcfs_home, mounted))
     mounted.mount()
     a = mounted.mnt / "a.bin"
@@ -121,7 +121,7 @@ def test_tamper_gives_eio_and_the_rest_stays_readable(mounted: Mounted, vcfs_hom
         with pytest.raises(OSError) as info:
             a.read_bytes()
         assert info.value.errno == errno.EIO
-        assert f"{mounted.tree / 'a.bin'}" in _log(vcfs_home, mounted)[logged:]
+        assert str(mounted.backing_of("a.bin")) in _log(vcfs_home, mounted)[logged:]
     else:
         with pytest.raises(OSError) as info:
             _read_range(a, bad_block * BLOCK_SIZE, BLOCK_SIZE)
@@ -132,7 +132,7 @@ def test_tamper_gives_eio_and_the_rest_stays_readable(mounted: Mounted, vcfs_hom
             assert _read_range(a, 3 * BLOCK_SIZE, BLOCK_SIZE) == DATA_A[3 * BLOCK_SIZE : 4 * BLOCK_SIZE]
         lines = _log(vcfs_home, mounted)[logged:].splitlines()
         line = next((ln for ln in lines if "authentication failed" in ln), "no log line")
-        assert str(mounted.tree / "a.bin") in line and f"block {bad_block}" in line, line
+        assert str(mounted.backing_of("a.bin")) in line and f"block {bad_block}" in line, line
     assert (mounted.mnt / "b.bin").read_bytes() == DATA_B  # other files unaffected
 
 
@@ -141,7 +141,7 @@ def test_swapped_headers_fail_both_files(mounted: Mounted) -> None:
     (mounted.mnt / "b.bin").write_bytes(DATA_B)
     (mounted.mnt / "c.bin").write_bytes(b"untouched")
     mounted.umount()
-    _swap_headers(mounted.tree / "a.bin", mounted.tree / "b.bin")
+    _swap_headers(mounted.backing_of("a.bin"), mounted.backing_of("b.bin"))
     mounted.mount()
     for name in ("a.bin", "b.bin"):
         with pytest.raises(OSError) as info:
@@ -156,7 +156,7 @@ def test_exchanged_backing_files_are_a_stated_limit(mounted: Mounted) -> None:
     (mounted.mnt / "a.bin").write_bytes(DATA_A)
     (mounted.mnt / "b.bin").write_bytes(DATA_B)
     mounted.umount()
-    a, b = mounted.tree / "a.bin", mounted.tree / "b.bin"
+    a, b = mounted.backing_of("a.bin"), mounted.backing_of("b.bin")
     tmp = mounted.tree / "swap.tmp"
     a.rename(tmp)
     b.rename(a)
@@ -171,16 +171,16 @@ def test_block_rollback_is_a_stated_limit(mounted: Mounted) -> None:
     as that older, authentic content (THREAT_MODEL.md, "Rollback")."""
     (mounted.mnt / "a.bin").write_bytes(DATA_A)
     mounted.umount()
-    old = (mounted.tree / "a.bin").read_bytes()
+    old = (mounted.backing_of("a.bin")).read_bytes()
     mounted.mount()
     with open(mounted.mnt / "a.bin", "r+b") as f:
         f.seek(BLOCK_SIZE)
         f.write(b"N" * BLOCK_SIZE)
     mounted.umount()
-    raw = bytearray((mounted.tree / "a.bin").read_bytes())
+    raw = bytearray((mounted.backing_of("a.bin")).read_bytes())
     one = block_no_to_cipher_off(1)
     raw[one : one + CIPHER_BLOCK_SIZE] = old[one : one + CIPHER_BLOCK_SIZE]
-    (mounted.tree / "a.bin").write_bytes(raw)
+    (mounted.backing_of("a.bin")).write_bytes(raw)
     mounted.mount()
     assert (mounted.mnt / "a.bin").read_bytes() == DATA_A  # the old block 1, undetected
 
@@ -188,7 +188,9 @@ def test_block_rollback_is_a_stated_limit(mounted: Mounted) -> None:
 def test_renamed_backing_file_still_opens(mounted: Mounted) -> None:
     """Whole-file moves are not detected in v1 (content is not bound to its name): see THREAT_MODEL.md."""
     (mounted.mnt / "x.bin").write_bytes(b"x" * 1000)
+    (mounted.mnt / "y.bin").write_bytes(b"y")
+    x, y = mounted.backing_of("x.bin"), mounted.backing_of("y.bin")
     mounted.umount()
-    shutil.move(mounted.tree / "x.bin", mounted.tree / "y.bin")
+    shutil.move(x, y)
     mounted.mount()
     assert (mounted.mnt / "y.bin").read_bytes() == b"x" * 1000

@@ -46,7 +46,7 @@ from vcfs.audit.log import AuditLog
 from vcfs.audit.record import rfc3339
 from vcfs.caller import Caller, CallerResolver
 from vcfs.errors import PolicyError
-from vcfs.inodes import InodeTable
+from vcfs.namespace import Namespace
 from vcfs.policy import Policy
 
 log = logging.getLogger("vcfs.audit")
@@ -133,16 +133,14 @@ class AccessGuard:
             self.detector = Detector(alerts, clock, audit_log.load_state(READERS_STATE))
         self._sessions: dict[int, Session] = {}
         self._counts: dict[int, _Counts] = {}
-        self._root = b""
-        self._inodes: InodeTable | None = None
+        self._inodes: Namespace | None = None
         self._unsubscribe: Callable[[], None] | None = None
         self.source = ""  # the policy file, for reload records
 
     # ---- wiring ---------------------------------------------------------------------------------
 
-    def attach(self, inodes: InodeTable) -> None:
+    def attach(self, inodes: Namespace) -> None:
         self._inodes = inodes
-        self._root = inodes.root_path
 
     def start(self, **mount_fields: Any) -> None:
         """Audit the mount and listen to key and block events."""
@@ -172,14 +170,11 @@ class AccessGuard:
             return hit
         return await trio.to_thread.run_sync(self._resolver.resolve, ctx.uid, ctx.gid, ctx.pid)
 
-    def _rel(self, backing: bytes) -> str:
-        rel = backing[len(self._root) :] if backing.startswith(self._root) else backing
-        return os.fsdecode(rel) or "/"
-
     def path_of(self, inode: int) -> str | None:
+        """The plaintext path (as the mount shows it) of ``inode``: what policy globs and records name."""
         assert self._inodes is not None
         try:
-            return self._rel(self._inodes.path(inode))
+            return os.fsdecode(self._inodes.plain_path(inode))
         except FileNotFoundError:
             for s in self._sessions.values():  # unlinked but open: the name it was opened under
                 if s.inode == inode:
@@ -268,9 +263,8 @@ class AccessGuard:
         detail = dict(ev.fields)
         path = detail.pop("path", None)
         extra: dict[str, Any] = {}
-        if isinstance(path, str):  # a backing path becomes the path at the mount point
-            raw = os.fsencode(path)
-            extra["path"] = self._rel(raw) if self._root and raw.startswith(self._root + b"/") else path
+        if isinstance(path, str):  # as the producer names it: plaintext path, backing path, or both
+            extra["path"] = path
         self.log.submit(ev.kind, ts=rfc3339(ev.time), detail=detail, **extra)
         if ev.kind == events.BLOCK_AUTH_FAILED and self.detector is not None:
             self._alert(self.detector.auth_failure())

@@ -31,6 +31,8 @@ from vcfs.keys.keystore import save_keystore
 from vcfs.keys.setup import HostKeyOptions, NewDomain, create_domain, store_keystore
 from vcfs.logsetup import error_prefix, setup_daemon_logging
 from vcfs.mountconfig import FUSE_FLAGS, MountConfig, load_mount_config
+from vcfs.namekeys import enable_encrypted_names
+from vcfs.names import write_dir_id
 from vcfs.offline import OfflineStore, find_store, open_store
 from vcfs.rewrap import rewrap
 from vcfs.shred import shred
@@ -122,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="also create key domain NAME for files under PREFIX (repeatable; same token as the default domain; "
         "a domain on its own HSM is added with 'vcfs keys domain add')",
+    )
+    p.add_argument(
+        "--plain-names",
+        action="store_true",
+        help="keep file and directory names and symlink targets readable in the backing store (default: encrypted; "
+        "readable names tell whoever sees the store or a backup who recorded what, see docs/THREAT_MODEL.md)",
     )
     _key_options(p)
 
@@ -234,7 +242,20 @@ def build_parser() -> argparse.ArgumentParser:
         "the file's path.",
     )
     p.add_argument("backing_file", type=Path, metavar="BACKINGFILE")
-    p.add_argument("out", metavar="OUT")
+    p.add_argument("out", metavar="OUT", help="output file, '-' for stdout, or a directory: OUT/<real name>")
+    _key_options(p)
+
+    p = sub.add_parser(
+        "path",
+        help="map a plaintext path to its backing path, or back",
+        description="Print the backing path of the entry at plaintext PATH (as seen in the mount), or with "
+        "--backing the plaintext path of a backing entry. Works offline and on a mounted store; needs the HSM "
+        "when names are encrypted.",
+    )
+    p.add_argument("backing", type=Path, metavar="BACKING")
+    p.add_argument("plain", nargs="?", metavar="PATH", help="plaintext path inside the store, e.g. /2026/call.mp4")
+    p.add_argument("--backing", dest="backing_entry", type=Path, metavar="BACKINGPATH", help="a path in BACKING/files")
+    p.add_argument("--json", action="store_true", help="print both paths as JSON")
     _key_options(p)
 
     p = sub.add_parser(
@@ -347,14 +368,22 @@ def cmd_init(args: argparse.Namespace) -> int:
         cfg.domains[new.name] = create_domain(store_id, new, opts, ks)
     if ks.domains:
         save_keystore(ks)
+    if not args.plain_names:
+        enable_encrypted_names(cfg, opts)
     backing.mkdir(parents=True, exist_ok=True)
     tree_path(backing).mkdir(mode=0o755)
+    if cfg.encrypted_names:
+        write_dir_id(os.fsencode(tree_path(backing)))
     save_config(backing, cfg)
     print(f"created vcfs store {backing} (id {store_id[:12]})")
     for d in cfg.domains.values():
         where = f"files under {', '.join(d.prefixes)}" if d.prefixes else "all other files"
         stored = f"token object {d.keks[0].uri}" if d.keks[0].uri else "wrapped by its master key in the keystore"
         print(f"  domain {d.name} ({where}): token {d.token!r}, KEK v1 {stored}")
+    if cfg.encrypted_names:
+        print("  names and symlink targets: encrypted (AES-SIV, a names key per domain wrapped by its KEK)")
+    else:
+        print("  names and symlink targets: plain (readable by anyone who can read the backing store)")
     if ks.domains:
         print(f"  keystore {ks.path} — keep it outside the store and back it up with the token")
     if any(d.embedded for d in cfg.domains.values()):
@@ -615,7 +644,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(json.dumps(report.to_json(), indent=2))
     else:
         for p in report.problems:
-            print(f"{p['path']}: {p['error']} (authentic prefix in {p['partial']})")
+            partial = f" (authentic prefix in {p['partial']})" if "partial" in p else ""
+            print(f"{p['path']}: {p['error']}{partial}")
         print(
             f"exported {report.files} files ({report.bytes} bytes), {report.dirs} directories, "
             f"{report.symlinks} symlinks to {args.dest}; {len(report.problems)} damaged"
@@ -627,11 +657,42 @@ def cmd_decrypt(args: argparse.Namespace) -> int:
     backing, _rel = find_store(args.backing_file)
     store = open_store(backing, _opts(args))
     try:
-        size = decrypt_file(store, args.backing_file.resolve(), args.out)
+        source = args.backing_file.resolve()
+        out = args.out
+        into_dir = out != "-" and Path(out).is_dir()
+        try:
+            plain = store.plain_of(source)
+        except VcfsError:
+            if into_dir:
+                raise  # the real name is needed, and it cannot be had
+            plain = os.fsdecode(source)
+        if into_dir:
+            out = str(Path(out) / os.path.basename(plain))  # restore the real name
+        size = decrypt_file(store, source, out)
     finally:
         store.close()
-    if args.out != "-":
-        print(f"decrypted {size} bytes to {args.out}")
+    if out != "-":
+        print(f"decrypted {size} bytes of {plain} to {out}")
+    return 0
+
+
+def cmd_path(args: argparse.Namespace) -> int:
+    if (args.plain is None) == (args.backing_entry is None):
+        raise UsageError("give either a plaintext PATH or --backing BACKINGPATH", hint="see vcfs path --help")
+    store = _store(args)
+    try:
+        if args.backing_entry is not None:
+            backing_entry = Path(os.path.abspath(args.backing_entry))
+            plain = store.plain_of(backing_entry)
+        else:
+            backing_entry = store.backing_of(args.plain)
+            plain = "/" + "/".join(p for p in args.plain.split("/") if p and p != ".")
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps({"plain": plain, "backing": str(backing_entry)}))
+    else:
+        print(plain if args.backing_entry is not None else backing_entry)
     return 0
 
 
@@ -725,6 +786,7 @@ COMMANDS = {
     "export": cmd_export,
     "decrypt": cmd_decrypt,
     "shred": cmd_shred,
+    "path": cmd_path,
 }
 
 

@@ -37,6 +37,7 @@ READABLE_FORMATS = (1, 2)
 KEK_STORE_KEYSTORE, KEK_STORE_TOKEN = "keystore", "token"
 KNOWN_FEATURES = {"encrypted_names"}
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+NAMES_SCHEME = 1  # docs/FORMAT.md "Names": AES-SIV-512, PKCS#7 to 16, base64url, long names over 255 bytes
 DOMAIN_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 
 
@@ -50,6 +51,15 @@ class KekEntry:
     state: str = "active"  # active | retired (unwrap only) | destroyed (crypto-shredded)
     created: str = ""  # RFC 3339 UTC
     changed: str = ""  # when the state last changed
+
+
+@dataclass(frozen=True, slots=True)
+class NamesKeyEntry:
+    """The names secret of one key domain, wrapped (RFC 5649, like a DEK) under one of its KEKs."""
+
+    kek_version: int
+    wrapped: bytes
+    wrap_alg: int = 1
 
 
 @dataclass(slots=True)
@@ -75,6 +85,21 @@ class StoreConfig:
     default_domain: str = "default"
     features: dict[str, bool] = field(default_factory=lambda: {"encrypted_names": False})
     format: int = STORE_FORMAT
+    names_keys: dict[str, NamesKeyEntry] = field(default_factory=dict)  # key domain -> its names key
+
+    @property
+    def encrypted_names(self) -> bool:
+        return bool(self.features.get("encrypted_names"))
+
+    def names_toml(self) -> dict[str, Any]:
+        """The ``[names]`` table (only in stores with encrypted names)."""
+        if not self.encrypted_names:
+            return {}
+        keys = {
+            d: {"kek_version": k.kek_version, "wrap_alg": k.wrap_alg, "wrapped": k.wrapped.hex()}
+            for d, k in self.names_keys.items()
+        }
+        return {"names": {"scheme": NAMES_SCHEME, "keys": keys}}
 
     def domain_map(self) -> DomainMap:
         return DomainMap(self.default_domain, {d.name: d.prefixes for d in self.domains.values()})
@@ -128,7 +153,8 @@ def _domain_v2_fields(d: DomainConfig) -> dict[str, Any]:
 
 def save_config(backing: Path, cfg: StoreConfig) -> None:
     """Replace the config atomically (temp file, fsync, rename, fsync of the directory)."""
-    text = "# vcfs store config: no secrets here. See docs/FORMAT.md.\n" + tomli_w.dumps(cfg.to_toml())
+    data = cfg.to_toml() | cfg.names_toml()
+    text = "# vcfs store config: no secrets here. See docs/FORMAT.md.\n" + tomli_w.dumps(data)
     replace_file(config_path(backing), text.encode())
 
 
@@ -205,8 +231,6 @@ def load_config(backing: Path) -> StoreConfig:
     unknown = set(features) - KNOWN_FEATURES
     if unknown:
         raise ConfigError(f"store uses features this vcfs does not know: {', '.join(sorted(unknown))}")
-    if features.get("encrypted_names"):
-        raise ConfigError("store uses encrypted file names, which this vcfs version cannot mount")
     keys = _want(raw, "keys", dict, "")
     domains: dict[str, DomainConfig] = {}
     for name, d in _want(keys, "domains", dict, "keys.").items():
@@ -264,6 +288,8 @@ def load_config(backing: Path) -> StoreConfig:
         cfg.domain_map()
     except UsageError as exc:
         raise ConfigError(f"store config: {exc.message}") from None
+    if cfg.encrypted_names:
+        cfg.names_keys = _load_names(raw, domains)
     return cfg
 
 
@@ -282,6 +308,31 @@ def _load_domain_v2(d: dict[str, Any], where: str, entries: list[KekEntry]) -> d
     if pin_source is not None and not isinstance(pin_source, str):
         raise ConfigError(f"store config: {where}pin_source must be a string")
     return {"token": str(token), "prefixes": prefixes, "kek_store": kek_store, "pin_source": pin_source}
+
+
+def _load_names(raw: dict[str, Any], domains: dict[str, DomainConfig]) -> dict[str, NamesKeyEntry]:
+    """The ``[names]`` table of a store with encrypted names: one wrapped names key per key domain."""
+    names = _want(raw, "names", dict, "")
+    scheme = _want(names, "scheme", int, "names.")
+    if scheme != NAMES_SCHEME:
+        raise ConfigError(f"store uses name encryption scheme {scheme}; this vcfs reads scheme {NAMES_SCHEME}")
+    out: dict[str, NamesKeyEntry] = {}
+    for domain, k in _want(names, "keys", dict, "names.").items():
+        where = f"names.keys.{domain}."
+        if domain not in domains or not isinstance(k, dict):
+            raise ConfigError(f"store config: names key for unknown key domain {domain!r}")
+        version = _want(k, "kek_version", int, where)
+        if version not in {e.version for e in domains[domain].keks}:
+            raise ConfigError(f"store config: {where}kek_version names a KEK version that is not listed")
+        try:
+            wrapped = bytes.fromhex(_want(k, "wrapped", str, where))
+        except ValueError:
+            raise ConfigError(f"store config: {where}wrapped must be a hex string") from None
+        out[domain] = NamesKeyEntry(version, wrapped, _want(k, "wrap_alg", int, where))
+    missing = set(domains) - set(out)
+    if missing:
+        raise ConfigError(f"store config: no names key for key domain {', '.join(sorted(missing))}")
+    return out
 
 
 def utc_now() -> str:

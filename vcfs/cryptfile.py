@@ -706,7 +706,16 @@ def _recover(cf: CryptFile, journal: Journal) -> None:
             os.fdatasync(cf.fd)  # the restored blocks are durable before their copies go
             journal.remove(cf.file_id)
     if writable:
-        cf.journal = journal.for_file(cf.file_id, cf.label)
+        cf.journal = journal.for_file(cf.file_id, _backing_path(cf.fd))
+
+
+def _backing_path(fd: int) -> bytes:
+    """Where the open backing file is, for the journal's path hint. Not the log label: that can
+    hold the plaintext path, which must never be written into the store."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}".encode())
+    except OSError:
+        return b""  # a path too long to name: recovery then finds the file when it is opened
 
 
 @dataclass(frozen=True, slots=True)
@@ -832,7 +841,7 @@ def create_cryptfile(
     cf.seals_used = 1
     cf._unsynced.add(0)  # never fsynced: the first write may overwrite it without a copy
     if journal is not None:
-        cf.journal = journal.for_file(header.preamble.file_id, label)
+        cf.journal = journal.for_file(header.preamble.file_id, _backing_path(fd))
     return cf
 
 

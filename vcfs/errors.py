@@ -126,3 +126,18 @@ class SealLimitError(VcfsError):
     """The file's DEK is near its safe number of random-nonce seals."""
 
     errno = errno.EFBIG
+
+
+class NameAuthError(IntegrityError):
+    """An encrypted name, directory id or symlink target does not authenticate where it is.
+
+    Raised for a name moved or copied from another directory, a replaced directory-id file,
+    a long name whose sidecar does not match, or any damaged name: never a guessed name.
+    """
+
+
+class NameTooLongError(VcfsError):
+    """A name or symlink target is too long to be stored encrypted (exit 2)."""
+
+    exit_code = 2
+    errno = errno.ENAMETOOLONG

@@ -42,6 +42,7 @@ AUDIT_ALERT = "audit.alert"
 AUDIT_DEGRADED = "audit.degraded"
 AUDIT_RECOVERED = "audit.recovered"
 BLOCK_RESTORED = "block.restored"  # a block a crash tore, restored from the journal (path, block)
+NAME_AUTH_FAILED = "name.auth_failed"  # an encrypted name that does not decrypt where it is (path=backing)
 
 
 @dataclass(frozen=True, slots=True)

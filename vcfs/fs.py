@@ -2,7 +2,13 @@
 
 Kept thin on purpose: no format or key logic lives here. What it owns is FUSE state
 (inodes, handles, open-file sharing), errno mapping and moving blocking work off the trio
-loop: crypto and disk I/O run in worker threads, HSM calls in exactly one.
+loop: crypto and disk I/O run in worker threads, HSM calls in exactly one. Names go through
+``self.inodes``, a vcfs/namespace.py ``Namespace``: plaintext names in, backing names (encrypted
+or plain) out, and ``self.inodes.plain_path(inode)`` for the plaintext path of an inode.
+
+Extended attributes are not implemented on purpose: pyfuse3's default answer (ENOSYS) makes
+the kernel reply ENOTSUP to every xattr call and stop asking, so no xattr name or value ever
+reaches the backing store (docs/FORMAT.md, "Names").
 
 Between awaits: ``_files`` (inode -> open CryptFile) is only changed under ``_open_lock``,
 so two concurrent opens of one inode share one CryptFile and a release never closes a file
@@ -29,11 +35,12 @@ from vcfs.access import AccessGuard
 from vcfs.core.layout import cipher_to_plain_size_or_floor
 from vcfs.cryptfile import CryptFile, create_cryptfile, open_cryptfile
 from vcfs.errors import IntegrityError, KeyProviderError, VcfsError
-from vcfs.inodes import InodeTable
 from vcfs.journal import Journal
 from vcfs.mountkeys import MountKeys
+from vcfs.names import NameLayer
+from vcfs.namespace import Namespace
 from vcfs.privileges import can_chown
-from vcfs.store import open_backing, renameat2
+from vcfs.store import open_backing
 
 log = logging.getLogger("vcfs.fs")
 _T = TypeVar("_T")
@@ -47,21 +54,33 @@ class _Open:
     refs: int
 
 
+@dataclass(slots=True)
+class _OpenDir:
+    inode: int
+    entries: list[tuple[bytes, bytes, os.stat_result]] | None = None  # this pass's listing
+
+
 class VcfsOperations(pyfuse3.Operations):
     enable_writeback_cache = True
 
     def __init__(
-        self, tree: bytes, keys: MountKeys, guard: AccessGuard | None = None, journal: Journal | None = None
+        self,
+        tree: bytes,
+        keys: MountKeys,
+        guard: AccessGuard | None = None,
+        journal: Journal | None = None,
+        names: NameLayer | None = None,
     ) -> None:
         super().__init__()
-        self.inodes = InodeTable(tree)
+        self.inodes = Namespace(tree, names)
         self.keys = keys  # domains per path, wraps, cached unwraps, renewal (vcfs/mountkeys.py)
-        keys.on_swap = self.inodes.alias  # DEK renewal gives a file a new backing inode
+        keys.on_swap = self.inodes.table.alias  # DEK renewal gives a file a new backing inode
         self.guard = guard or AccessGuard()  # access policy + audit trail; inert when neither is configured
         self.guard.attach(self.inodes)
         self.journal = journal  # crash safety of in-place rewrites (vcfs/journal.py)
         self._files: dict[int, _Open] = {}
         self._handles: dict[int, int] = {}  # fh -> inode
+        self._dir_handles: dict[int, _OpenDir] = {}  # directory fh -> inode and listing
         self._next_fh = 1
         self._open_lock = trio.Lock()
         self._hsm = trio.CapacityLimiter(1)
@@ -98,7 +117,8 @@ class VcfsOperations(pyfuse3.Operations):
         """Run ``fn`` in the one HSM worker (key upkeep from the daemon)."""
         return await trio.to_thread.run_sync(fn, limiter=self._hsm)
 
-    def _attrs(self, st: os.stat_result, inode: int) -> pyfuse3.EntryAttributes:
+    def _attrs(self, st: os.stat_result, inode: int, where: tuple[int, bytes] | None = None) -> pyfuse3.EntryAttributes:
+        """Attributes of ``inode``; ``where`` = (parent inode, backing path) when it is not remembered yet."""
         attr = pyfuse3.EntryAttributes()
         attr.st_ino = inode
         attr.generation = 0
@@ -116,6 +136,8 @@ class VcfsOperations(pyfuse3.Operations):
         if stat.S_ISREG(st.st_mode):
             opened = self._files.get(inode)
             size = opened.cf.size if opened else cipher_to_plain_size_or_floor(st.st_size)
+        elif stat.S_ISLNK(st.st_mode):
+            size = self.inodes.link_size(inode, st, where)  # the plaintext target's length
         else:
             size = st.st_size
         attr.st_size = size
@@ -132,25 +154,23 @@ class VcfsOperations(pyfuse3.Operations):
             return os.fstat(opened.cf.fd)  # unlinked but still open
 
     def _entry(self, parent: int, name: bytes) -> pyfuse3.EntryAttributes:
-        st = os.lstat(self.inodes.child_path(parent, name))
+        path = self.inodes.child_path(parent, name)
+        st = os.lstat(path)
         inode = self.inodes.to_fuse(st.st_ino)
         self.inodes.remember(inode, parent, name)
-        return self._attrs(st, inode)
+        return self._attrs(st, inode, (parent, path))
 
-    def _plain(self, path: bytes) -> str:
-        """The plaintext path ("/a/b") of a backing path: what key domains are chosen by."""
-        rel = os.path.relpath(path, self.inodes.root_path)
-        return "/" if rel == b"." else "/" + os.fsdecode(rel)
-
-    def _same_domain(self, old: bytes, new: bytes) -> None:
+    def _same_domain(self, old: bytes, new: bytes, old_backing: bytes | None = None) -> None:
         """Refuse (EXDEV) a rename or link that would put a file under another key domain.
 
-        Rewrapping instead would leave the old domain's wrapping in the header's other slot,
-        and re-encrypting inside rename(2) is too slow; mv handles EXDEV by copy + delete,
-        which writes a new file under the target domain's keys.
+        ``old`` and ``new`` are plaintext paths (domains are chosen by them); ``old_backing``
+        is where the entry is now, to tell a directory from a file. Rewrapping instead would
+        leave the old domain's wrapping in the header's other slot, and re-encrypting inside
+        rename(2) is too slow; mv handles EXDEV by copy + delete, which writes a new file under
+        the target domain's keys.
         """
-        is_dir = stat.S_ISDIR(os.lstat(old).st_mode)
-        if not self.keys.domains.same_domain_move(self._plain(old), self._plain(new), is_dir):
+        is_dir = old_backing is not None and stat.S_ISDIR(os.lstat(old_backing).st_mode)
+        if not self.keys.domains.same_domain_move(os.fsdecode(old), os.fsdecode(new), is_dir):
             raise pyfuse3.FUSEError(errno.EXDEV)
 
     def _own(self, path: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -163,6 +183,9 @@ class VcfsOperations(pyfuse3.Operations):
             return fn()
         except OSError as exc:
             raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        except VcfsError as exc:  # a name or directory id that does not authenticate, a name too long
+            (log.error if isinstance(exc, IntegrityError) else log.debug)("%s", exc.message)
+            raise pyfuse3.FUSEError(exc.errno) from None
 
     # ---- lookups and attributes ----------------------------------------------------------
 
@@ -248,7 +271,7 @@ class VcfsOperations(pyfuse3.Operations):
                     await self._unref(inode, opened)
 
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
-        return self._oserror(lambda: os.readlink(self.inodes.path(inode)))
+        return self._oserror(lambda: self.inodes.read_link(inode))
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         sv = self._oserror(lambda: os.statvfs(self.inodes.root_path))
@@ -266,33 +289,41 @@ class VcfsOperations(pyfuse3.Operations):
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         async with self.guard.op(ctx, "list", "fs.list", lambda: self.guard.path_of(inode), record=False):
-            return inode
+            fh = self._next_fh
+            self._next_fh += 1
+            self._dir_handles[fh] = _OpenDir(inode)
+            return fh
+
+    def _open_dir(self, fh: int) -> _OpenDir:
+        opened = self._dir_handles.get(fh)
+        if opened is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        return opened
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        def listing() -> list[tuple[bytes, os.stat_result]]:
-            path = self.inodes.path(fh)
-            out = []
-            for name in sorted(os.listdir(path)):
-                try:
-                    out.append((name, os.lstat(os.path.join(path, name))))
-                except FileNotFoundError:
-                    continue
-            return out
-
-        entries = await self._run(listing, label="readdir")
+        opened = self._open_dir(fh)
+        parent = opened.inode
+        if start_id == 0 or opened.entries is None:
+            # Listed (and names decrypted) once per pass: the kernel asks for a large directory
+            # in many small batches, and listing it again for each would cost O(n^2).
+            opened.entries = await self._run(self.inodes.listing, parent, label="readdir")
+        entries = opened.entries
         for i in range(start_id, len(entries)):
-            name, st = entries[i]
+            name, entry, st = entries[i]
             inode = self.inodes.to_fuse(st.st_ino)
-            if not pyfuse3.readdir_reply(token, name, self._attrs(st, inode), i + 1):
+            where = (parent, os.path.join(self.inodes.path(parent), entry)) if stat.S_ISLNK(st.st_mode) else None
+            if not pyfuse3.readdir_reply(token, name, self._attrs(st, inode, where), i + 1):
                 break
-            self.inodes.remember(inode, fh, name)
+            self.inodes.remember(inode, parent, name, entry)
 
     async def releasedir(self, fh: int) -> None:
-        return None
+        self._dir_handles.pop(fh, None)
 
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        inode = self._open_dir(fh).inode
+
         def sync() -> None:
-            fd = os.open(self.inodes.path(fh), os.O_RDONLY | os.O_DIRECTORY)
+            fd = os.open(self.inodes.path(inode), os.O_RDONLY | os.O_DIRECTORY)
             try:
                 os.fsync(fd)
             finally:
@@ -304,8 +335,7 @@ class VcfsOperations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         def make() -> pyfuse3.EntryAttributes:
-            path = self.inodes.child_path(parent_inode, name)
-            os.mkdir(path, stat.S_IMODE(mode))
+            path = self.inodes.mkdir(parent_inode, name, mode)
             self._own(path, ctx)
             return self._entry(parent_inode, name)
 
@@ -313,23 +343,15 @@ class VcfsOperations(pyfuse3.Operations):
             return await self._run(make, label="mkdir")
 
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        def remove() -> None:
-            inode = self.inodes.inode_at(parent_inode, name)
-            os.rmdir(self.inodes.child_path(parent_inode, name))
-            if inode is not None:
-                self.inodes.drop_link(inode, parent_inode, name)
-
         async with self.guard.op(ctx, "delete", "fs.rmdir", lambda: self.guard.child_of(parent_inode, name)):
-            await self._run(remove, label="rmdir")
+            await self._run(self.inodes.rmdir, parent_inode, name, label="rmdir")
 
     # ---- names ---------------------------------------------------------------------------
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         def remove() -> None:
-            inode = self.inodes.inode_at(parent_inode, name)
-            os.unlink(self.inodes.child_path(parent_inode, name))
+            inode = self.inodes.unlink(parent_inode, name)
             if inode is not None:
-                self.inodes.drop_link(inode, parent_inode, name)
                 self._keep_cache.pop(inode, None)
 
         async with self.guard.op(ctx, "delete", "fs.unlink", lambda: self.guard.child_of(parent_inode, name)):
@@ -339,8 +361,9 @@ class VcfsOperations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         def make() -> pyfuse3.EntryAttributes:
-            path = self.inodes.child_path(parent_inode, name)
-            os.symlink(target, path)
+            stored = self.inodes.store_target(parent_inode, target)
+            with self.inodes.creating(parent_inode, name) as path:
+                os.symlink(stored, path)
             self._own(path, ctx)
             return self._entry(parent_inode, name)
 
@@ -351,9 +374,9 @@ class VcfsOperations(pyfuse3.Operations):
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         def make() -> pyfuse3.EntryAttributes:
-            old, new = self.inodes.path(inode), self.inodes.child_path(new_parent_inode, new_name)
-            self._same_domain(old, new)
-            os.link(old, new, follow_symlinks=False)
+            self._same_domain(self.inodes.plain_path(inode), self.inodes.plain_child_path(new_parent_inode, new_name))
+            with self.inodes.creating(new_parent_inode, new_name) as path:
+                os.link(self.inodes.path(inode), path, follow_symlinks=False)
             return self._entry(new_parent_inode, new_name)
 
         async with self.guard.link(ctx, inode, new_parent_inode, new_name):
@@ -369,24 +392,12 @@ class VcfsOperations(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> None:
         def move() -> None:
-            old = self.inodes.child_path(parent_inode_old, name_old)
-            new = self.inodes.child_path(parent_inode_new, name_new)
-            moved = self.inodes.inode_at(parent_inode_old, name_old)
-            replaced = self.inodes.inode_at(parent_inode_new, name_new)
-            self._same_domain(old, new)
+            old = self.inodes.plain_child_path(parent_inode_old, name_old)
+            new = self.inodes.plain_child_path(parent_inode_new, name_new)
+            self._same_domain(old, new, self.inodes.child_path(parent_inode_old, name_old))
             if flags & pyfuse3.RENAME_EXCHANGE:
-                self._same_domain(new, old)
-            if flags:
-                renameat2(old, new, flags)
-            else:
-                os.rename(old, new)
-            if flags & pyfuse3.RENAME_EXCHANGE:
-                if replaced is not None:
-                    self.inodes.move(replaced, (parent_inode_new, name_new), (parent_inode_old, name_old))
-            elif replaced is not None and replaced != moved:
-                self.inodes.drop_link(replaced, parent_inode_new, name_new)
-            if moved is not None:
-                self.inodes.move(moved, (parent_inode_old, name_old), (parent_inode_new, name_new))
+                self._same_domain(new, old, self.inodes.child_path(parent_inode_new, name_new))
+            self.inodes.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
 
         exchange = bool(flags & pyfuse3.RENAME_EXCHANGE)
         async with self.guard.rename(ctx, parent_inode_old, name_old, parent_inode_new, name_new, exchange):
@@ -403,8 +414,8 @@ class VcfsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EPERM)  # device nodes have no place in a recording store
 
         def make() -> pyfuse3.EntryAttributes:
-            path = self.inodes.child_path(parent_inode, name)
-            os.mknod(path, mode, rdev)
+            with self.inodes.creating(parent_inode, name) as path:
+                os.mknod(path, mode, rdev)
             self._own(path, ctx)
             return self._entry(parent_inode, name)
 
@@ -415,6 +426,7 @@ class VcfsOperations(pyfuse3.Operations):
 
     async def _open_cryptfile(self, inode: int) -> CryptFile:
         path = self._oserror(lambda: self.inodes.path(inode))
+        label = self._oserror(lambda: self.inodes.describe(inode))
         fd = self._oserror(lambda: open_backing(path))
         keys = self.keys
         journal = self.journal
@@ -423,7 +435,7 @@ class VcfsOperations(pyfuse3.Operations):
             keys.refresh()
             return open_cryptfile(
                 fd,
-                os.fsdecode(path),
+                label,
                 keys.unwrap,
                 journal=journal,
                 seal_budget=keys.seal_budget,
@@ -431,7 +443,7 @@ class VcfsOperations(pyfuse3.Operations):
             )
 
         try:
-            cf = await self._run(unlock, label=os.fsdecode(path), hsm=True)
+            cf = await self._run(unlock, label=label, hsm=True)
         except BaseException:
             os.close(fd)
             raise
@@ -488,25 +500,34 @@ class VcfsOperations(pyfuse3.Operations):
     async def _create(
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        path = self._oserror(lambda: self.inodes.child_path(parent_inode, name))
-        fd = self._oserror(lambda: os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, stat.S_IMODE(mode)))
+        if self._oserror(lambda: self.inodes.needs_sidecar(parent_inode, name)):  # writes and syncs a file
+            path = await self._run(self.inodes.prepare_child, parent_inode, name, label="create")
+        else:
+            path = self._oserror(lambda: self.inodes.prepare_child(parent_inode, name))
+        label = self.inodes.describe_child(parent_inode, name)
+        plain = os.fsdecode(self.inodes.plain_child_path(parent_inode, name))
+        fd = -1
         try:
+            flags_ = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+            fd = self._oserror(lambda: os.open(path, flags_, stat.S_IMODE(mode)))
             self._own(path, ctx)
 
             keys = self.keys
 
             def make() -> CryptFile:  # one trip to the HSM worker: refresh keys, wrap, write header
                 keys.refresh()
-                wrap = keys.wrap_for(keys.domain_for(self._plain(path)))
+                wrap = keys.wrap_for(keys.domain_for(plain))
                 return create_cryptfile(
-                    fd, os.fsdecode(path), wrap, self.journal, seal_budget=keys.seal_budget, renewer=keys.renewer
+                    fd, label, wrap, self.journal, seal_budget=keys.seal_budget, renewer=keys.renewer
                 )
 
-            cf = await self._run(make, label=os.fsdecode(path), hsm=True)
+            cf = await self._run(make, label=label, hsm=True)
         except BaseException:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(path)
+            if fd >= 0:
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            self.inodes.abandon_child(parent_inode, name)
             raise
         async with self._open_lock:
             attr = self._entry(parent_inode, name)

@@ -8,6 +8,10 @@ seals that block final, and keeps the removed bytes in BACKING/quarantine/. Dama
 file (a bad block followed by good ones) or in its header is reported, never "repaired" by
 dropping data: reads of that range keep failing with EIO and the rest of the file stays
 readable.
+
+In a store with encrypted names, every name, directory id and symlink target is checked too
+(kind "name", reported with its backing path); repair removes only what an interrupted
+operation left behind (``vcfs.tmp.*`` leftovers and sidecars whose long entry is gone).
 """
 
 from __future__ import annotations
@@ -24,7 +28,10 @@ from pathlib import Path
 from vcfs.core.layout import BLOCK_SIZE, CIPHER_BLOCK_SIZE, block_no_to_cipher_off
 from vcfs.cryptfile import CryptFile
 from vcfs.errors import FormatError, IntegrityError, KeyProviderError, UnterminatedError, VcfsError
-from vcfs.offline import OfflineStore, walk
+from vcfs.namepaths import leftovers
+from vcfs.namepaths import walk as walk_names
+from vcfs.names import remove_leftover
+from vcfs.offline import OfflineStore
 from vcfs.store import lock_store, pread_exact
 from vcfs.storelayout import QUARANTINE_DIR
 
@@ -36,12 +43,13 @@ QUARANTINE_NAME_MAX = 200  # bytes of the flattened path in a quarantine file na
 
 @dataclass
 class Problem:
-    path: str  # relative to the tree
-    kind: str  # header | block | tail | journal | io
+    path: str  # plaintext path relative to the root (the backing path where the name does not decrypt)
+    kind: str  # header | block | tail | journal | name | io
     detail: str
     block: int | None = None
     repaired: bool = False
     quarantined: str | None = None
+    backing: str | None = None  # relative to the backing tree (BACKING/files)
 
 
 @dataclass
@@ -150,7 +158,7 @@ def _check_file(store: OfflineStore, path: Path, rel: str, repair: bool) -> _Fil
         detail = "file ends in a torn or unterminated block" if bad or cf.torn_tail else "no complete block"
         problem = Problem(rel, "tail", f"{detail}; {keep} authentic blocks before it", block=keep)
         if repair:
-            problem.quarantined = _quarantine(store, rel, cf, keep)
+            problem.quarantined = _quarantine(store, str(path.relative_to(store.tree)), cf, keep)
             cf.repair_tail(keep)
             problem.repaired = True
         res.problems.append(problem)
@@ -198,14 +206,16 @@ def _check_path(store: OfflineStore, path: Path, rel: str, repair: bool) -> _Fil
 def fsck(store: OfflineStore, repair: bool, progress: Callable[[int, int], None] | None = None) -> FsckReport:
     lock_fd = lock_store(store.backing) if repair else None  # repair only on an unmounted store
     try:
-        entries = [(p, st) for p, st in walk(store.tree) if stat.S_ISREG(st.st_mode)]
         report = FsckReport()
         seen: set[bytes] = set()
-        for i, (path, _st) in enumerate(entries):
+        entries = _check_names(store, repair, report)
+        for i, (path, rel) in enumerate(entries):
             report.files += 1
-            res = _check_path(store, path, str(path.relative_to(store.tree)), repair)
+            res = _check_path(store, path, rel, repair)
             report.blocks += res.blocks
             report.bytes += res.plain_bytes
+            for p in res.problems:
+                p.backing = str(path.relative_to(store.tree))
             report.problems += res.problems
             if res.file_id is not None:
                 seen.add(res.file_id)
@@ -223,3 +233,37 @@ def fsck(store: OfflineStore, repair: bool, progress: Callable[[int, int], None]
     finally:
         if lock_fd is not None:
             os.close(lock_fd)
+
+
+def _check_names(store: OfflineStore, repair: bool, report: FsckReport) -> list[tuple[Path, str]]:
+    """Walk the tree by plaintext name: report every name, directory id and symlink target that
+    does not authenticate; returns the regular files to check, with their plaintext paths."""
+    files: list[tuple[Path, str]] = []
+    tree = os.fsencode(store.tree)
+
+    def name_problem(backing: bytes, detail: str) -> Problem:
+        rel = os.fsdecode(os.path.relpath(backing, tree))
+        problem = Problem(rel, "name", detail, backing=rel)
+        report.problems.append(problem)
+        return problem
+
+    dirs = [tree]
+    for w in walk_names(store.names, tree, b"/"):
+        if w.problem is not None or w.st is None or w.plain is None:
+            name_problem(w.backing, w.problem or "unreadable")
+        elif stat.S_ISREG(w.st.st_mode):
+            files.append((Path(os.fsdecode(w.backing)), os.fsdecode(w.plain).lstrip("/")))
+        elif stat.S_ISLNK(w.st.st_mode) and store.names.encrypted:
+            try:
+                store.names.load_target(w.parent, os.readlink(w.backing))
+            except VcfsError as exc:
+                name_problem(w.backing, f"symlink target: {exc.message}")
+        elif stat.S_ISDIR(w.st.st_mode):
+            dirs.append(w.backing)
+    for d in dirs:
+        for path in leftovers(store.names, d):
+            problem = name_problem(path, "left over from an interrupted operation")
+            if repair:
+                remove_leftover(path)
+                problem.repaired = True
+    return files

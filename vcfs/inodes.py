@@ -1,9 +1,11 @@
-"""Which backing path an inode number stands for.
+"""Which backing path, and which plaintext path, an inode number stands for.
 
 Inode numbers are the backing files' own st_ino (the backing root becomes FUSE inode 1).
-Each inode remembers the (parent inode, name) links it was looked up under, so renaming a
-directory moves its whole subtree at once: children keep their parent inode, and paths are
-rebuilt on demand by walking up to the root. Hard links give an inode several links.
+Each inode remembers the links it was looked up under: (parent inode, plaintext name), each
+with the backing name that link has in the parent's backing directory (the same bytes in a
+store with plain names; the encrypted name otherwise). Renaming a directory therefore moves
+its whole subtree at once: children keep their parent inode, and both paths are rebuilt on
+demand by walking up to the root. Hard links give an inode several links.
 
 Deep trees: a plain filesystem allows any depth (PATH_MAX, 4096 bytes, limits one system
 call's path, not the tree), but the backing path of a deep file is longer than the path the
@@ -12,6 +14,8 @@ user gave, relative to some directory of theirs. So a backing path that would pa
 ``/proc/self/fd/N/rest``: every path-based call in the adapter works on it unchanged. An
 anchor follows its directory through renames (it is the inode, not the name) and is closed
 when the kernel forgets that directory, so no request can still be using its number.
+
+No cryptography here: vcfs/namespace.py computes backing names and hands them in.
 """
 
 from __future__ import annotations
@@ -26,11 +30,12 @@ import pyfuse3
 ROOT = pyfuse3.ROOT_INODE
 PATH_LIMIT = 3800  # bytes; below PATH_MAX (4096) with room for one more name
 _DISPLACED_BIT = 1 << 62  # above any inode number ext4, xfs or btrfs hand out in practice
+Link = tuple[int, bytes]  # (parent inode, plaintext name)
 
 
 @dataclass(slots=True)
 class _Entry:
-    links: set[tuple[int, bytes]] = field(default_factory=set)
+    links: dict[Link, bytes] = field(default_factory=dict)  # link -> backing name in the parent
     lookups: int = 0
 
 
@@ -64,30 +69,34 @@ class InodeTable:
             return self._root_backing_ino  # swap, so the two never collide
         return backing_ino
 
-    def path(self, inode: int) -> bytes:
-        """A current path of ``inode``; FileNotFoundError if it has none (unlinked)."""
-        chain: list[tuple[int, bytes]] = []  # (inode, its name), from ``inode`` up to the root
-        seen = 0
+    def _walk(self, inode: int) -> list[tuple[int, bytes, bytes]]:
+        """(inode, plaintext name, backing name) of each component from ``inode`` up to the root."""
+        parts: list[tuple[int, bytes, bytes]] = []
         while inode != ROOT:
             entry = self._entries.get(inode)
             if entry is None or not entry.links:
                 raise FileNotFoundError(errno.ENOENT, f"inode {inode} has no path")
-            parent, name = min(entry.links)
-            chain.append((inode, name))
-            inode = parent
-            seen += 1
-            if seen > 1 << 16:
+            link = min(entry.links)
+            parts.append((inode, link[1], entry.links[link]))
+            inode = link[0]
+            if len(parts) > 1 << 16:
                 raise OSError("inode path loop")
+        return parts
+
+    def path(self, inode: int) -> bytes:
+        """A current backing path of ``inode``; FileNotFoundError if it has none (unlinked)."""
+        chain = self._walk(inode)
         if not chain:
             return self.root_path
-        full = os.path.join(self.root_path, *(name for _, name in reversed(chain)))
-        return full if len(full) < PATH_LIMIT else self._anchored(chain[::-1])
+        chain.reverse()
+        full = os.path.join(self.root_path, *(b for _, _, b in chain))
+        return full if len(full) < PATH_LIMIT else self._anchored(chain)
 
-    def _anchored(self, chain: list[tuple[int, bytes]]) -> bytes:
+    def _anchored(self, chain: list[tuple[int, bytes, bytes]]) -> bytes:
         """The path of ``chain[-1]`` with its long prefix replaced by /proc/self/fd/N anchors."""
         base, size = self.root_path, len(self.root_path)
         rel: list[bytes] = []
-        for i, (_inode, name) in enumerate(chain):
+        for i, (_inode, _plain, name) in enumerate(chain):
             if i and size + 1 + len(name) >= PATH_LIMIT:
                 fd = self._anchor(chain[i - 1][0], os.path.join(base, *rel))
                 base, rel = b"/proc/self/fd/%d" % fd, []
@@ -108,41 +117,42 @@ class InodeTable:
             self._anchors[inode] = fd
             return fd
 
-    def child_path(self, parent: int, name: bytes) -> bytes:
-        return os.path.join(self.path(parent), name)
+    def plain_path(self, inode: int) -> bytes:
+        """The plaintext path of ``inode`` as the mount shows it (``b"/rec/a.mp4"``, the root is ``b"/"``)."""
+        return b"/" + b"/".join(n for _, n, _ in reversed(self._walk(inode)))
 
-    def remember(self, inode: int, parent: int, name: bytes, lookups: int = 1) -> None:
+    def parent_of(self, inode: int) -> int:
+        """The parent inode of the link ``path`` uses."""
+        entry = self._entries.get(inode)
+        if entry is None or not entry.links:
+            raise FileNotFoundError(errno.ENOENT, f"inode {inode} has no path")
+        return min(entry.links)[0]
+
+    def remember(self, inode: int, parent: int, name: bytes, backing: bytes, lookups: int = 1) -> None:
         entry = self._entries.setdefault(inode, _Entry())
-        entry.links.add((parent, name))
+        entry.links[(parent, name)] = backing
         entry.lookups += lookups
 
-    def add_link(self, inode: int, parent: int, name: bytes) -> None:
-        self.remember(inode, parent, name, lookups=0)
-
-    def drop_link(self, inode: int, parent: int, name: bytes) -> None:
+    def drop_link(self, inode: int, parent: int, name: bytes) -> bool:
+        """Forget one link; True if the inode has no link left (deleted, or only open)."""
         entry = self._entries.get(inode)
-        if entry is not None:
-            entry.links.discard((parent, name))
+        if entry is None:
+            return True
+        entry.links.pop((parent, name), None)
+        return not entry.links
 
-    def inode_at(self, parent: int, name: bytes) -> int | None:
-        """The known inode linked as ``name`` in ``parent``, if any (no disk access)."""
-        try:
-            st = os.lstat(self.child_path(parent, name))
-        except OSError:
-            return None
-        return self.to_fuse(st.st_ino)
-
-    def move(self, inode: int, old: tuple[int, bytes], new: tuple[int, bytes]) -> None:
+    def move(self, inode: int, old: Link, new: Link, new_backing: bytes) -> None:
         entry = self._entries.get(inode)
         if entry is None:
             return
-        entry.links.discard(old)
-        entry.links.add(new)
+        entry.links.pop(old, None)
+        entry.links[new] = new_backing
 
-    def forget(self, inode: int, count: int) -> None:
+    def forget(self, inode: int, count: int) -> bool:
+        """Drop ``count`` kernel lookups; True if the inode was forgotten entirely."""
         entry = self._entries.get(inode)
         if entry is None or inode == ROOT:
-            return
+            return False
         entry.lookups -= count
         if entry.lookups <= 0:
             del self._entries[inode]
@@ -150,3 +160,5 @@ class InodeTable:
                 fd = self._anchors.pop(inode, None)
             if fd is not None:
                 os.close(fd)
+            return True
+        return False

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import stat
+from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -47,8 +47,10 @@ from vcfs.keys.setup import (
     token_kek_label,
 )
 from vcfs.keys.uri import Pkcs11Uri
-from vcfs.offline import walk
-from vcfs.store import pread_exact
+from vcfs.namekeys import create_names_key, name_layer, names_keys_under
+from vcfs.namepaths import resolve
+from vcfs.offline import data_files
+from vcfs.store import lock_store, pread_exact
 from vcfs.storelayout import tree_path
 
 
@@ -77,9 +79,7 @@ def usage_by_version(backing: Path) -> dict[KeyRef, int]:
     """How many files each KEK version wraps (newest slot of each header; not authenticated,
     which is fine for counting: a forged header gains nothing from being miscounted)."""
     counts: dict[KeyRef, int] = {}
-    for path, st in walk(tree_path(backing)):
-        if not stat.S_ISREG(st.st_mode):
-            continue
+    for path, _st in data_files(backing):
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
             try:
@@ -217,6 +217,12 @@ def destroy(backing: Path, domain_name: str, version: int, force: bool, opts: Ho
             raise UsageError(
                 f"KEK {domain.name}/v{version} is current", hint=f"vcfs keys rotate {backing} {domain.name}"
             )
+        names = names_keys_under(cfg, KeyRef(domain.name, version))
+        if names:  # never, not even with --force: it would shred every name of the domain at once
+            raise UsageError(
+                f"KEK {domain.name}/v{version} still wraps the names key of key domain {names[0]!r}",
+                hint=f"vcfs keys rewrap {backing} {names[0]} first (it rewraps the names key too)",
+            )
         in_use = usage_by_version(backing).get(KeyRef(domain.name, version), 0)
         if in_use and not force:
             raise UsageError(
@@ -308,11 +314,18 @@ def add_domain(backing: Path, new: NewDomain, opts: HostKeyOptions) -> DomainCon
         trial.domain_map()  # refuses a prefix that another domain has
         _activate_for(cfg)
         ks = store_keystore(cfg, opts)
-        domain = create_domain(cfg.store_id, new, opts, ks)
-        if domain.kek_store == KEK_STORE_KEYSTORE:
-            save_keystore(ks)
-        cfg.domains[domain.name] = domain
-        save_config(backing, cfg)
+        with _names_unmoved(backing, cfg, list(new.prefixes), opts):
+            domain = create_domain(cfg.store_id, new, opts, ks)
+            if domain.kek_store == KEK_STORE_KEYSTORE:
+                save_keystore(ks)
+            cfg.domains[domain.name] = domain
+            if cfg.encrypted_names:  # the domain's names key, wrapped under its first KEK
+                provider = open_provider(cfg, opts)
+                try:
+                    cfg.names_keys[domain.name] = create_names_key(provider, KeyRef(domain.name, domain.current))
+                finally:
+                    provider.close()
+            save_config(backing, cfg)
     events.emit(events.KEY_ROTATE, domain=domain.name, version=1, previous=0, tier="kek")
     return domain
 
@@ -330,4 +343,39 @@ def set_prefixes(backing: Path, domain_name: str, prefixes: list[str], opts: Hos
         cfg = load_config(backing)
         domain_of(cfg, domain_name).prefixes = list(prefixes)
         cfg.domain_map()
-        save_config(backing, cfg)
+        with _names_unmoved(backing, cfg, list(prefixes), opts):
+            save_config(backing, cfg)
+
+
+@contextlib.contextmanager
+def _names_unmoved(backing: Path, cfg: StoreConfig, prefixes: list[str], opts: HostKeyOptions) -> Iterator[None]:
+    """With encrypted names, a prefix may only go to a path that does not exist yet, on an unmounted store.
+
+    Names are encrypted under the names key of their directory's domain (vcfs/namekeys.py):
+    entries already below a path that changes domain would no longer decrypt, and a running
+    mount keeps the domain map it started with. Files can be moved in afterwards with mv (a
+    copy across domains, EXDEV), which encrypts their names and contents under the new domain.
+    """
+    if not cfg.encrypted_names:
+        yield
+        return
+    lock_fd = lock_store(backing)  # BusyError ("already mounted") if a daemon serves it
+    try:
+        provider = open_provider(cfg, opts)
+        try:
+            names = name_layer(cfg, provider, skip=provider.is_down)
+            tree = os.fsencode(tree_path(backing))
+            for prefix in prefixes:
+                try:
+                    resolve(names, tree, prefix)
+                except UsageError:
+                    continue  # does not exist: fine
+                raise UsageError(
+                    f"{prefix} already exists in this store, whose file names are encrypted",
+                    hint="a key domain can take only a path that does not exist yet; mv files in afterwards",
+                )
+        finally:
+            provider.close()
+        yield
+    finally:
+        os.close(lock_fd)

@@ -31,6 +31,8 @@ from vcfs.keys.setup import HostKeyOptions, open_provider
 from vcfs.mountconfig import ControlSection, MetricsSection
 from vcfs.mountkeys import MountKeys
 from vcfs.mountstate import MountState
+from vcfs.namekeys import name_layer
+from vcfs.names import check_layout
 from vcfs.privileges import can_chown
 from vcfs.renew import clean_leftovers
 from vcfs.store import lock_store
@@ -105,6 +107,9 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
         for domain in cfg.domains:
             if not provider.is_down(domain):  # a down domain was logged; it recovers by itself
                 provider.self_test(domain)
+        names = name_layer(cfg, provider, skip=provider.is_down)  # a wrong names key fails here
+        check_layout(names, os.fsencode(tree_path(opts.backing)))
+        names.dir_key(os.fsencode(tree_path(opts.backing)), b"/")  # a missing root directory id fails here
         lock_store(opts.backing)  # only now: a refused mount leaves the store untouched
         clean_leftovers(opts.backing)
         journal = Journal(opts.backing)
@@ -114,7 +119,7 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
         )
         metered = cast(Pkcs11Provider, MeteredProvider(provider))  # HSM call counts and latency
         keys = MountKeys(opts.backing, metered, opts.keys, opts.dek_cache_seconds, chown=can_chown())
-        ops = VcfsOperations(os.fsencode(tree_path(opts.backing)), keys, guard, journal)
+        ops = VcfsOperations(os.fsencode(tree_path(opts.backing)), keys, guard, journal, names)
         state = MountState(opts.backing, opts.mountpoint, lambda: ops.open_files)
         extras = service.open_extras(opts.mountpoint, opts.control, opts.metrics, state)  # may refuse: port taken
         options = set(pyfuse3.default_options) | set(opts.fuse_options)

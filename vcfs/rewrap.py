@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from vcfs.config import load_config
+from vcfs.config import StoreConfig, load_config
 from vcfs.core.header import Header, slot_offset
 from vcfs.cryptfile import erase_other_slot, lock_header, rewrap_header, seal_rewrapped_slot
 from vcfs.errors import HeaderAuthError, UsageError, VcfsError
@@ -42,6 +42,8 @@ from vcfs.keyops import domain_of
 from vcfs.keys.base import KeyRef, Wrapped
 from vcfs.keys.provider import Pkcs11Provider
 from vcfs.keys.setup import HostKeyOptions, open_provider
+from vcfs.namekeys import name_layer, rewrap_names_key
+from vcfs.namepaths import walk
 from vcfs.store import pwrite_all, sync_filesystem
 from vcfs.storelayout import tree_path
 
@@ -57,6 +59,7 @@ class RewrapReport:
     busy: list[str] = field(default_factory=list)
     failed: list[dict[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    names_key_rewrapped: list[str] = field(default_factory=list)  # domains whose names key moved to the current KEK
 
     @property
     def exit_code(self) -> int:
@@ -111,8 +114,10 @@ def rewrap(
     if jobs < 1:
         raise UsageError("--jobs must be at least 1")
     tree = tree_path(backing)
-    files = _regular_files(str(tree))
     report = RewrapReport()
+    if cfg.encrypted_names:
+        report.names_key_rewrapped = _rewrap_names_keys(backing, cfg, opts, domain_name)
+    files = _data_files(backing, cfg, opts)
     started = time.monotonic()
     tree_fd = os.open(tree, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -149,17 +154,19 @@ class _Job:
         if self.provider is not None:
             self.provider.close()
 
-    def run(self, paths: list[str]) -> RewrapReport:
+    def run(self, paths: list[tuple[str, str]]) -> RewrapReport:
+        """Rewrap each (backing path, plaintext path); reports name files by their plaintext path."""
         assert self.provider is not None
         part = RewrapReport()
-        for path in paths:
-            rel = path[len(self.root) + 1 :]
-            outcome = _one(self.provider, path, self.dmap.domain_of("/" + rel), self.domain, self.from_version)
-            part.add(rel, outcome)
+        for path, plain in paths:
+            outcome = _one(self.provider, path, self.dmap.domain_of(plain), self.domain, self.from_version)
+            part.add(plain.lstrip("/"), outcome)
         return part
 
 
-def _run_serial(job: _Job, files: list[str], report: RewrapReport, progress: Callable[[int, int], None] | None) -> None:
+def _run_serial(
+    job: _Job, files: list[tuple[str, str]], report: RewrapReport, progress: Callable[[int, int], None] | None
+) -> None:
     for i in range(0, len(files), CHUNK):
         report.merge(job.run(files[i : i + CHUNK]))
         if progress:
@@ -176,7 +183,7 @@ def _worker_start(job: _Job) -> None:
     _WORKER = job
 
 
-def _worker_run(paths: list[str]) -> RewrapReport:
+def _worker_run(paths: list[tuple[str, str]]) -> RewrapReport:
     assert _WORKER is not None
     return _WORKER.run(paths)
 
@@ -190,7 +197,11 @@ def _die_with_parent() -> None:
 
 
 def _run_parallel(
-    job: _Job, files: list[str], report: RewrapReport, progress: Callable[[int, int], None] | None, jobs: int
+    job: _Job,
+    files: list[tuple[str, str]],
+    report: RewrapReport,
+    progress: Callable[[int, int], None] | None,
+    jobs: int,
 ) -> None:
     ctx = multiprocessing.get_context("spawn")  # never fork a process that has a PKCS#11 library loaded
     chunks = [files[i : i + CHUNK] for i in range(0, len(files), CHUNK)]
@@ -234,6 +245,40 @@ def _one(
         return _Outcome("failed", exc.message)
     finally:
         os.close(fd)
+
+
+def _rewrap_names_keys(backing: Path, cfg: StoreConfig, opts: HostKeyOptions, domain: str | None) -> list[str]:
+    """Move the names key of ``domain`` (or of every domain) to its current KEK, like a header."""
+    provider = open_provider(cfg, opts)
+    try:
+        wanted = [domain] if domain is not None else list(cfg.domains)
+        return [d for d in wanted if not provider.is_down(d) and rewrap_names_key(backing, provider, d)]
+    finally:
+        provider.close()
+
+
+def _data_files(backing: Path, cfg: StoreConfig, opts: HostKeyOptions) -> list[tuple[str, str]]:
+    """(backing path, plaintext path) of every file holding data, in a stable order.
+
+    The plaintext path decides the key domain a file belongs in. With encrypted names the
+    tree is walked through the name layer (one HSM unwrap per names key); vcfs's own files
+    (directory ids, long-name sidecars) are skipped, and so are entries whose name does not
+    decrypt (fsck reports those).
+    """
+    tree = os.fsencode(tree_path(backing))
+    if not cfg.encrypted_names:
+        root = str(tree_path(backing))
+        return [(p, "/" + p[len(root) + 1 :]) for p in _regular_files(root)]
+    provider = open_provider(cfg, opts)
+    try:
+        names = name_layer(cfg, provider, skip=provider.is_down)
+        return [
+            (os.fsdecode(w.backing), os.fsdecode(w.plain))
+            for w in walk(names, tree, b"/")
+            if w.plain is not None and w.st is not None and stat.S_ISREG(w.st.st_mode)
+        ]
+    finally:
+        provider.close()
 
 
 def _regular_files(root: str) -> list[str]:

@@ -1,4 +1,5 @@
-"""The one door to `cryptography` for file contents: key derivation, block AEAD, header MAC.
+"""The one door to `cryptography`'s AEADs: file contents (key derivation, block AEAD, header MAC)
+and, at the end, the AES-SIV key that encrypts names (docs/FORMAT.md, "Names").
 
 Why derived keys: one random 256-bit DEK per file is expanded with HKDF-SHA256 (salt = the
 file id) into independent keys for block encryption and for the header MAC, plus a public
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import hmac as crypto_hmac
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 DEK_LEN = 32
@@ -131,3 +132,43 @@ def kek_check_value(probe_key: bytes | bytearray) -> bytes:
     against the wrong KEK fails at start with a clear message instead of at the first read.
     """
     return _hkdf(probe_key, b"", INFO_KEK_CHECK)
+
+
+# ---- names: AES-SIV (RFC 5297) under a key derived from the store's names secret -----------------
+
+NAMES_SECRET_LEN = 32
+NAMES_KEY_LEN = 64  # AES-SIV-512: a 256-bit S2V/CMAC key and a 256-bit CTR key
+INFO_NAMES = b"vcfs v1 names key"
+
+
+def new_names_secret() -> bytes:
+    """The random secret behind a names key; wrapped by a KEK exactly like a DEK (32 bytes)."""
+    return AESGCM.generate_key(bit_length=256)
+
+
+class NamesKey:
+    """Deterministic AEAD for names and symlink targets. Holds a secret: never log or repr it.
+
+    Why SIV: a name must encrypt to the same backing name every time (lookups go from the
+    plaintext name to the backing name), and SIV stays secure when a (key, associated data)
+    pair repeats; it only reveals that the plaintexts were equal.
+    """
+
+    def __init__(self, secret: bytes) -> None:
+        if len(secret) != NAMES_SECRET_LEN:
+            raise ValueError("names secret must be 32 bytes")
+        key = HKDF(algorithm=hashes.SHA256(), length=NAMES_KEY_LEN, salt=None, info=INFO_NAMES).derive(secret)
+        self._siv = AESSIV(key)
+
+    def __repr__(self) -> str:
+        return "NamesKey(<secret>)"
+
+    def seal(self, plaintext: bytes, associated: list[bytes]) -> bytes:
+        """AES-SIV: returns the 16-byte synthetic IV || ciphertext (as long as the plaintext)."""
+        return self._siv.encrypt(plaintext, associated)
+
+    def open(self, sealed: bytes, associated: list[bytes]) -> bytes:
+        try:
+            return self._siv.decrypt(sealed, associated)
+        except InvalidTag:
+            raise AuthFailed from None
