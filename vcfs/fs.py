@@ -102,7 +102,9 @@ class VcfsOperations(pyfuse3.Operations):
         except IntegrityError as exc:
             counters.add(counters.AUTH_FAILURES)
             log.error("authentication failed: %s: %s", label, exc.message)
-            events.emit(events.BLOCK_AUTH_FAILED, path=label, block=getattr(exc, "block_no", None), error=exc.message)
+            plain, backing = self.inodes.split_label(label)
+            block = getattr(exc, "block_no", None)
+            events.emit(events.BLOCK_AUTH_FAILED, path=plain, backing=backing, block=block, error=exc.message)
             raise pyfuse3.FUSEError(errno.EIO) from None
         except KeyProviderError as exc:
             log.error("key error on %s: %s", label, exc.message)

@@ -27,6 +27,7 @@ from vcfs.inodes import InodeTable
 from vcfs.names import RENAME_EXCHANGE, DirKey, NameLayer, PlainNames
 
 log = logging.getLogger("vcfs.names")
+_BACKING_MARK = " (backing "  # describe(): "PLAIN (backing BACKING)"
 
 
 class Namespace:
@@ -63,7 +64,15 @@ class Namespace:
     def _label(self, backing: bytes, plain: bytes) -> str:
         if not self.names.encrypted:
             return os.fsdecode(backing)
-        return f"{os.fsdecode(plain)} (backing {os.fsdecode(backing)})"
+        return f"{os.fsdecode(plain)}{_BACKING_MARK}{os.fsdecode(backing)})"
+
+    def split_label(self, label: str) -> tuple[str, str]:
+        """(plaintext path in the mount, backing path) of a label made by ``describe``."""
+        plain, mark, backing = label.partition(_BACKING_MARK)
+        if mark:
+            return plain, backing[:-1]
+        rel = os.path.relpath(label, os.fsdecode(self.root_path))
+        return ("/" + rel if not rel.startswith("..") else label), label
 
     def _dir(self, inode: int) -> DirKey:
         dk = self._dirs.get(inode)
