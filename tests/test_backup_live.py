@@ -179,7 +179,7 @@ def test_cp_tar_rsync_of_a_live_store_restore_to_what_was_written(
     assert res.returncode in (0, 1, 2), res.stderr
     for name, data in written.items():
         out = tmp_path / f"{name}.decrypted"
-        run_vcfs("decrypt", str(copy / "files" / name), str(out))
+        run_vcfs("decrypt", str(copy / "files" / m.backing_of(name).relative_to(m.tree)), str(out))
         got = out.read_bytes()
         assert got == data[: len(got)] and len(got) >= floors["rsync"][name]
 

@@ -87,12 +87,13 @@ def test_each_region_decrypts_only_with_its_own_token(regions: Mounted, vcfs_hom
     assert _header_domains(regions.backing_of("eu/a.ts")) == {"eu"}
     assert _header_domains(regions.backing_of("us/b.ts")) == {"us"}
     assert _header_domains(regions.backing_of("c.ts")) == {"default"}
+    where = {name: regions.backing_of(name) for name in data}  # names under /eu/ need the eu token too
     for gone, readable, unreadable in (("eu-hsm", "us/b.ts", "eu/a.ts"), ("us-hsm", "eu/a.ts", "us/b.ts")):
         with token_away(vcfs_home, gone):
             out = tmp_path / f"out-{gone}"
-            run_vcfs("decrypt", str(regions.backing_of(readable)), str(out))
+            run_vcfs("decrypt", str(where[readable]), str(out))
             assert out.read_bytes() == data[readable]
-            res = run_vcfs("decrypt", str(regions.backing_of(unreadable)), str(tmp_path / "never"), check=False)
+            res = run_vcfs("decrypt", str(where[unreadable]), str(tmp_path / "never"), check=False)
             assert res.returncode == 4 and "HSM unavailable" in res.stderr and "Traceback" not in res.stderr
             assert not (tmp_path / "never").exists()
 
@@ -162,9 +163,15 @@ def test_rename_across_domains_is_exdev_and_mv_reencrypts(regions: Mounted) -> N
     assert _header_domains(regions.backing_of("us/b.ts")) == {"us"}
 
 
-def test_new_prefix_and_rewrap_move_files_to_their_domain(store: Path, tmp_path: Path) -> None:
-    """Files written before a domain existed move to it on rewrap; the old domain's slot goes."""
+def test_new_prefix_and_rewrap_move_files_to_their_domain(vcfs_home: Path, tmp_path: Path) -> None:
+    """Files written before a domain existed move to it on rewrap; the old domain's slot goes.
+
+    A store with plain names: there a domain may take a path that already holds files, while
+    mounted (with encrypted names that is refused, see the next test).
+    """
     require(os.path.exists("/dev/fuse"), "/dev/fuse")
+    store = tmp_path / "plain"
+    run_vcfs("init", str(store), "--plain-names")
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     m = Mounted(store, mnt)
@@ -184,6 +191,29 @@ def test_new_prefix_and_rewrap_move_files_to_their_domain(store: Path, tmp_path:
         assert (mnt / "tenant-42" / "r.mp4").read_bytes() == b"t42" * 5000
     finally:
         m.umount()
+
+
+def test_domain_add_with_encrypted_names_needs_a_new_path_and_an_unmounted_store(
+    mounted: Mounted, tmp_path: Path
+) -> None:
+    """Names are encrypted under their directory's domain: a domain cannot take over existing entries."""
+    (mounted.mnt / "old").mkdir()
+    (mounted.mnt / "old" / "a.mp4").write_bytes(b"a" * 100)
+    busy = run_vcfs("keys", "domain", "add", str(mounted.backing), "t1", "--prefix", "/new/", check=False)
+    assert busy.returncode == 5 and "already mounted" in busy.stderr and "Traceback" not in busy.stderr
+    mounted.umount()
+    taken = run_vcfs("keys", "domain", "add", str(mounted.backing), "t1", "--prefix", "/old/", check=False)
+    assert taken.returncode == 2 and "/old/ already exists" in taken.stderr
+    run_vcfs("keys", "domain", "add", str(mounted.backing), "t1", "--prefix", "/new/", "--token", "eu-hsm")
+    mounted.mount()
+    (mounted.mnt / "new").mkdir()
+    (mounted.mnt / "new" / "b.mp4").write_bytes(b"b" * 100)
+    assert _header_domains(mounted.backing_of("new/b.mp4")) == {"t1"}
+    assert sorted(os.listdir(mounted.mnt / "new")) == ["b.mp4"]
+    assert (mounted.mnt / "old" / "a.mp4").read_bytes() == b"a" * 100
+    mounted.umount()
+    mounted.mount()  # the names under /new/ are under t1's names key, which a fresh mount unwraps
+    assert (mounted.mnt / "new" / "b.mp4").read_bytes() == b"b" * 100
 
 
 def test_init_with_domains_and_overlapping_prefixes(vcfs_home: Path, tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from vcfs.keys.pkcs11 import _LOCK, check_kek_attributes, close_session, generat
 from vcfs.keys.provider import Pkcs11Provider
 from vcfs.keys.setup import HostKeyOptions, domain_spec, open_provider, store_keystore
 from vcfs.keys.uri import parse_pkcs11_uri
+from vcfs.rewrap import rewrap
 
 
 def test_wrap_unwrap_round_trip(store: Path) -> None:
@@ -161,6 +162,7 @@ def test_key_events_name_keys_never_carry_them(store: Path) -> None:
         keyops.rotate(store, "default", HostKeyOptions())
         keyops.retire(store, "default", 1, HostKeyOptions())
         keyops.rotate_master(store, "default", HostKeyOptions())
+        rewrap(store, "default", None, HostKeyOptions())  # the names key moves off v1
         keyops.destroy(store, "default", 1, False, HostKeyOptions())
         provider = open_provider(load_config(store), HostKeyOptions())
         try:

@@ -319,7 +319,7 @@ def test_rewrap_moves_the_names_key_to_the_current_kek(mounted: Mounted) -> None
     run_vcfs("keys", "rotate", str(mounted.backing), "default")
     assert load_config(mounted.backing).names_keys["default"].kek_version == 1
     res = json.loads(run_vcfs("keys", "rewrap", str(mounted.backing), "--json").stdout)
-    assert res["names_key_rewrapped"] is True and res["rewrapped"] == 1
+    assert res["names_key_rewrapped"] == ["default"] and res["rewrapped"] == 1
     assert load_config(mounted.backing).names_keys["default"].kek_version == 2
     assert os.listdir(mounted.mnt) == [NAMES[0]]  # the running mount keeps its names
     run_vcfs("keys", "destroy", str(mounted.backing), "default", "1")
@@ -395,7 +395,7 @@ def test_plain_names_store_mounts_reads_and_keeps_the_old_layout(vcfs_home: Path
         run_vcfs("export", str(backing), str(tmp_path / "out"))
         assert (tmp_path / "out" / "vcfs.dirid").read_bytes() == b"just a user file"
         res = json.loads(run_vcfs("keys", "rewrap", str(backing), "--json").stdout)
-        assert res["failed"] == [] and res["names_key_rewrapped"] is False
+        assert res["failed"] == [] and res["names_key_rewrapped"] == []
         m.mount()
         assert (mnt / "latest").read_bytes() == b"plain"
         assert sorted(os.listdir(mnt)) == ["2026", "latest", "name.with.dots", "vcfs.dirid"]

@@ -179,7 +179,7 @@ def test_long_name_with_torn_tail_is_repaired(mounted: Mounted) -> None:
     name = "q" * 250
     (mounted.mnt / name).write_bytes(os.urandom(3 * 65536 + 10))
     mounted.umount()
-    os.truncate(mounted.tree / name, block_no_to_cipher_off(2) + 100)
+    os.truncate(mounted.backing_of(name), block_no_to_cipher_off(2) + 100)
     res = run_vcfs("fsck", str(mounted.backing), "--repair", "--json", check=False)
     report = json.loads(res.stdout)
     assert res.returncode == 1, report

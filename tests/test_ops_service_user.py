@@ -82,7 +82,8 @@ def test_daemon_as_service_user_with_the_units_capabilities(tmp_path: Path) -> N
         assert res.returncode == 0, res.stderr
         st = os.stat(target)
         assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (RECORDER_UID, RECORDER_UID, 0o600)
-        assert os.stat(backing / "files" / "rec.bin").st_uid == RECORDER_UID
+        (entry,) = [p for p in (backing / "files").iterdir() if p.name != "vcfs.dirid"]  # the name is encrypted
+        assert entry.stat().st_uid == RECORDER_UID
         assert target.read_bytes() == (b"vcfs\n" * 20_000)[:100_000]
 
         status = subprocess.run([*VCFS, "status", str(mnt), "--json"], capture_output=True, text=True, env=env)

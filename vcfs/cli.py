@@ -267,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("path", type=Path, metavar="PATH")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary")
+    _key_options(p)  # with encrypted names, a path in a mount is looked up through the HSM
 
     keys = sub.add_parser(
         "keys",
@@ -762,7 +763,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_shred(args: argparse.Namespace) -> int:
-    report = shred(args.path)
+    report = shred(args.path, _opts(args))
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:
@@ -811,6 +812,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # vcfs status | head
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except OSError as exc:  # a path that is not there, not readable, a full disk: say which, no traceback
+        where = f"{exc.filename}: " if exc.filename else ""
+        return _fail(VcfsError(f"{where}{exc.strerror or exc}"))
 
 
 def mount_helper(argv: list[str] | None = None) -> int:

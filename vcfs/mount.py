@@ -32,7 +32,9 @@ from vcfs.mountconfig import ControlSection, MetricsSection
 from vcfs.mountkeys import MountKeys
 from vcfs.mountstate import MountState
 from vcfs.namekeys import name_layer
-from vcfs.names import check_layout
+from vcfs.namepaths import unresolve
+from vcfs.names import NameLayer, check_layout
+from vcfs.namespace import label
 from vcfs.privileges import can_chown
 from vcfs.renew import clean_leftovers
 from vcfs.store import lock_store
@@ -113,7 +115,8 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
         lock_store(opts.backing)  # only now: a refused mount leaves the store untouched
         clean_leftovers(opts.backing)
         journal = Journal(opts.backing)
-        recover_store(journal, provider.unwrap)  # blocks a crash tore, before anything is served
+        tree = os.fsencode(tree_path(opts.backing))
+        recover_store(journal, provider.unwrap, lambda p: _describe(names, tree, p))  # before anything is served
         guard, reload = open_guard(
             access, opts.policy_file, opts.audit_dir, cfg, provider, opts.backing, opts.mountpoint
         )
@@ -166,6 +169,15 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
         provider.close()
         log.info("unmounted %s", opts.mountpoint)
     return 0
+
+
+def _describe(names: NameLayer, tree: bytes, backing: bytes) -> str:
+    """A backing path as log lines show it: with its plaintext path where names are encrypted."""
+    try:
+        plain = unresolve(names, tree, backing) if names.encrypted else backing
+    except VcfsError:
+        return os.fsdecode(backing)
+    return label(names.encrypted, backing, plain)
 
 
 async def _key_upkeep(ops: VcfsOperations) -> None:

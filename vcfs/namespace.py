@@ -27,7 +27,15 @@ from vcfs.inodes import InodeTable
 from vcfs.names import RENAME_EXCHANGE, DirKey, NameLayer, PlainNames
 
 log = logging.getLogger("vcfs.names")
+LINK_SIZES_MAX = 4096  # symlink sizes remembered (see Namespace.link_size)
 _BACKING_MARK = " (backing "  # describe(): "PLAIN (backing BACKING)"
+
+
+def label(encrypted: bool, backing: bytes, plain: bytes) -> str:
+    """How log lines name a file: plaintext path, and the backing path where the two differ."""
+    if not encrypted:
+        return os.fsdecode(backing)
+    return f"{os.fsdecode(plain)}{_BACKING_MARK}{os.fsdecode(backing)})"
 
 
 class Namespace:
@@ -36,6 +44,7 @@ class Namespace:
         self.names = names if names is not None else PlainNames()
         self.root_path = tree
         self._dirs: dict[int, DirKey] = {}  # directory inode -> its DirKey, while the kernel knows it
+        self._link_sizes: dict[tuple[int, int, int], int] = {}  # see link_size
         self.bad_names = 0
 
     # ---- paths -----------------------------------------------------------------------------
@@ -62,9 +71,7 @@ class Namespace:
         return self._label(self.child_path(parent, name), self.plain_child_path(parent, name))
 
     def _label(self, backing: bytes, plain: bytes) -> str:
-        if not self.names.encrypted:
-            return os.fsdecode(backing)
-        return f"{os.fsdecode(plain)}{_BACKING_MARK}{os.fsdecode(backing)})"
+        return label(self.names.encrypted, backing, plain)
 
     def split_label(self, label: str) -> tuple[str, str]:
         """(plaintext path in the mount, backing path) of a label made by ``describe``."""
@@ -194,14 +201,27 @@ class Namespace:
         return self.names.store_target(self._dir(parent), target)
 
     def link_size(self, inode: int, st: os.stat_result, where: tuple[int, bytes] | None = None) -> int:
-        """The st_size a symlink shows: its plaintext target's length (``where``: parent, backing path)."""
+        """The st_size a symlink shows: its plaintext target's length (``where``: parent, backing path).
+
+        Remembered per backing symlink (inode, mtime, stored length: a symlink never changes):
+        readlink(2) moves the backing symlink's atime, and a stat through the mount must not
+        (lchown, for one, leaves a symlink's atime alone on a plain filesystem).
+        """
         if not self.names.encrypted:
             return st.st_size
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        known = self._link_sizes.get(key)
+        if known is not None:
+            return known
         try:
             parent, path = where if where is not None else (self.table.parent_of(inode), self.path(inode))
-            return len(self.names.load_target(self._dir(parent), os.readlink(path)))
+            size = len(self.names.load_target(self._dir(parent), os.readlink(path)))
         except (OSError, VcfsError):
             return st.st_size  # readlink will report the problem
+        if len(self._link_sizes) >= LINK_SIZES_MAX:
+            self._link_sizes.pop(next(iter(self._link_sizes)))  # oldest first: a bounded memory
+        self._link_sizes[key] = size
+        return size
 
     def read_link(self, inode: int) -> bytes:
         stored = os.readlink(self.path(inode))

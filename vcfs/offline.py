@@ -68,7 +68,7 @@ def open_store(backing: Path, opts: HostKeyOptions) -> OfflineStore:
     cfg = load_config(backing)
     provider = open_provider(cfg, opts)
     try:
-        names = name_layer(cfg, provider)
+        names = name_layer(cfg, provider, skip=provider.is_down)  # a down domain's names: on first use
         check_layout(names, os.fsencode(tree_path(backing)))
         return OfflineStore(backing, cfg, provider, names)
     except BaseException:

@@ -27,11 +27,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from vcfs import events
-from vcfs.config import CONFIG_NAME
+from vcfs.config import CONFIG_NAME, load_config
 from vcfs.core.header import SLOT_COUNT, SLOT_LEN, parse_preamble, slot_offset
 from vcfs.core.layout import HEADER_LEN
 from vcfs.errors import FormatError, UsageError
-from vcfs.offline import find_store
+from vcfs.keys.setup import HostKeyOptions
+from vcfs.namepaths import walk
+from vcfs.offline import find_store, open_store
 from vcfs.store import pread_exact, pwrite_all
 from vcfs.storelayout import TREE_DIR, tree_path
 
@@ -65,13 +67,27 @@ def _mount_source(path: Path) -> tuple[Path, Path] | None:
     return best
 
 
-def resolve(path: Path) -> tuple[Path, Path, Path]:
-    """(backing path, path to unlink through, the store's tree): unlink through the mount if in one."""
+def resolve(path: Path, opts: HostKeyOptions) -> tuple[Path, Path, Path]:
+    """(backing path, path to unlink through, the store's tree): unlink through the mount if in one.
+
+    A path in a mount is a plaintext path: with encrypted names its backing path is found
+    through the name layer, which needs the HSM (to read names, not to shred).
+    """
     absolute = Path(os.path.abspath(path))
     mount = _mount_source(absolute)
     if mount is not None:
         backing, mnt = mount
-        return tree_path(backing) / absolute.relative_to(mnt), absolute, tree_path(backing)
+        plain = "/" + str(absolute.relative_to(mnt))
+        if not load_config(backing).encrypted_names:
+            return tree_path(backing) / absolute.relative_to(mnt), absolute, tree_path(backing)
+        store = open_store(backing, opts)
+        try:
+            try:
+                return store.backing_of(plain), absolute, tree_path(backing)
+            except UsageError:
+                raise UsageError(f"{path} does not exist") from None
+        finally:
+            store.close()
     if absolute.name == TREE_DIR and (absolute.parent / CONFIG_NAME).exists():
         return absolute, absolute, absolute  # the tree itself (refused by the caller)
     backing, rel = find_store(absolute)
@@ -95,9 +111,9 @@ def shred_file(backing_file: Path) -> str:
     return file_id
 
 
-def shred(path: Path) -> ShredReport:
+def shred(path: Path, opts: HostKeyOptions | None = None) -> ShredReport:
     """Shred the file at ``path``, or every file of the tree at ``path`` and remove the tree."""
-    backing_path, visible, tree = resolve(path)
+    backing_path, visible, tree = resolve(path, opts or HostKeyOptions())
     try:
         st = os.lstat(backing_path)
     except FileNotFoundError:
@@ -108,6 +124,8 @@ def shred(path: Path) -> ShredReport:
     if not stat.S_ISDIR(st.st_mode):
         _one(backing_path, visible, st, report)
         return report
+    if visible != backing_path and load_config(tree.parent).encrypted_names:
+        return _shred_named_tree(backing_path, visible, opts or HostKeyOptions(), report)
     for dirpath, dirnames, filenames in os.walk(backing_path, topdown=False):
         rel = Path(dirpath).relative_to(backing_path)
         for name in sorted(filenames):
@@ -126,6 +144,39 @@ def shred(path: Path) -> ShredReport:
             if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                 report.failed.append({"path": str(target), "error": exc.strerror or "rmdir failed"})
     return report
+
+
+def _shred_named_tree(backing_dir: Path, visible: Path, opts: HostKeyOptions, report: ShredReport) -> ShredReport:
+    """A tree in a mount whose names are encrypted: walk it by plaintext name, deepest first."""
+    tree = backing_dir
+    while tree.name != TREE_DIR:
+        tree = tree.parent
+    store = open_store(tree.parent, opts)
+    try:
+        start_plain = os.fsencode(store.plain_of(backing_dir))
+        walked = list(walk(store.names, os.fsencode(backing_dir), start_plain))
+    finally:
+        store.close()
+    for w in reversed(walked):  # children before their directories
+        if w.plain is None or w.st is None:
+            report.failed.append({"path": os.fsdecode(w.backing), "error": w.problem or "name does not decrypt"})
+            continue
+        where = visible / os.path.relpath(os.fsdecode(w.plain), os.fsdecode(start_plain))
+        if stat.S_ISDIR(w.st.st_mode):
+            _rmdir(where, report)
+        else:
+            _one(Path(os.fsdecode(w.backing)), where, w.st, report)
+    _rmdir(visible, report)
+    return report
+
+
+def _rmdir(target: Path, report: ShredReport) -> None:
+    try:
+        os.rmdir(target)
+        report.removed += 1
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            report.failed.append({"path": str(target), "error": exc.strerror or "rmdir failed"})
 
 
 def _one(backing_file: Path, visible: Path, st: os.stat_result, report: ShredReport) -> None:

@@ -25,8 +25,15 @@ from vcfs.store import open_backing
 log = logging.getLogger("vcfs.sweep")
 
 
-def recover_store(journal: Journal, unwrap: Callable[[Wrapped], bytes | bytearray]) -> int:
-    """Recover every file that has a journal; returns the number of blocks restored."""
+def recover_store(
+    journal: Journal,
+    unwrap: Callable[[Wrapped], bytes | bytearray],
+    describe: Callable[[bytes], str] = os.fsdecode,
+) -> int:
+    """Recover every file that has a journal; returns the number of blocks restored.
+
+    ``describe`` names a backing path in log lines (the mount adds the plaintext path).
+    """
     restored = 0
     for file_id in journal.entries():
         records = journal.read(file_id)
@@ -36,7 +43,7 @@ def recover_store(journal: Journal, unwrap: Callable[[Wrapped], bytes | bytearra
             journal.remove(file_id)
             continue
         path = journal.tree_path(records[0].hint)
-        label = os.fsdecode(path)
+        label = describe(path)
         try:
             fd = open_backing(path)
         except OSError as exc:

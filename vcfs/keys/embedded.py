@@ -61,8 +61,8 @@ def _write_secret(path: Path, value: str) -> None:
         f.write(value + "\n")
 
 
-def ensure_token(home: Path, token: str = TOKEN_LABEL) -> None:
-    """Create the embedded token ``token`` once; later calls find it and do nothing.
+def ensure_token(home: Path, token: str = TOKEN_LABEL) -> bool:
+    """Create the embedded token ``token`` once; later calls find it and do nothing. True if made now.
 
     Several embedded tokens share one SoftHSM2 token directory; each stands for one HSM (a
     region's) in development and tests.
@@ -71,7 +71,7 @@ def ensure_token(home: Path, token: str = TOKEN_LABEL) -> None:
     tokens = home / "tokens"
     if conf_path(home).exists() and pin_path(home, token).exists():
         activate(home)
-        return
+        return False
     tokens.mkdir(exist_ok=True, mode=0o700)
     if not conf_path(home).exists():
         conf_path(home).write_text(f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\n")
@@ -92,3 +92,4 @@ def ensure_token(home: Path, token: str = TOKEN_LABEL) -> None:
         raise KeyProviderError(f"could not create the embedded SoftHSM2 token: {exc.stderr.strip()}") from None
     _write_secret(so_pin_path(home, token), so_pin)
     _write_secret(pin_path(home, token), user_pin)
+    return True

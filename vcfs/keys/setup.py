@@ -25,6 +25,7 @@ from vcfs.keys.pkcs11 import (
     generate_kek,
     new_wrapped_kek,
     open_session,
+    reinitialize,
 )
 from vcfs.keys.provider import DomainSpec, KekSpec, Pkcs11Provider
 from vcfs.keys.uri import Pkcs11Uri, parse_pkcs11_uri
@@ -58,6 +59,18 @@ def _module_for(domain: DomainConfig, opts: HostKeyOptions) -> str:
     if domain.embedded:
         return embedded.softhsm_module()
     return domain.module
+
+
+def forget_tokens(cfg: StoreConfig, opts: HostKeyOptions) -> None:
+    """Make the loaded PKCS#11 modules of ``cfg`` look for tokens again (C_Finalize + C_Initialize).
+
+    SoftHSM2 (like many modules) lists tokens once, at initialisation: one made afterwards in
+    this process (a new domain's embedded token) is not found until then.
+    """
+    if any(d.embedded for d in cfg.domains.values()):
+        embedded.activate(embedded.vcfs_home())  # before the module (re)initialises
+    for module in sorted({_module_for(d, opts) for d in cfg.domains.values()}):
+        reinitialize(module)
 
 
 def _pin_lookup(domain: DomainConfig, opts: HostKeyOptions) -> Callable[[], str]:
@@ -240,8 +253,9 @@ def create_domain(store_id: str, new: NewDomain, opts: HostKeyOptions, ks: Keyst
     if not token:
         raise KeyProviderError(f"no token given for key domain {new.name!r}", hint="pass --token LABEL")
     if is_embedded:
-        embedded.ensure_token(embedded.vcfs_home(), token)
         module = embedded.softhsm_module()
+        if embedded.ensure_token(embedded.vcfs_home(), token):
+            reinitialize(module)  # SoftHSM2 lists tokens at initialisation: find the one just made
     assert module is not None
     dom = DomainConfig(
         new.name,
