@@ -288,8 +288,10 @@ class AccessGuard:
             return
         who = await self.caller(ctx)
         where = path()
-        if op == "times" and (who.kernel or where is None):
-            yield  # the kernel writing back cached times (a writer's session covers them)
+        if op == "times" and (who.kernel or where is None or "ctime" in detail.get("fields", ())):
+            # The kernel writing back cached times (only it sets ctime): part of writing, which a
+            # writer's session covers; it must work whenever writing does (also fail-closed).
+            yield
             return
         names = self._names(who)
         self._decide(who, names, op, where, **detail)
@@ -336,10 +338,6 @@ class AccessGuard:
             return "setattr", changed, True
         if fields.update_size:
             return "write", changed, True
-        if fields.update_ctime:
-            # Only the kernel sets ctime: it flushes the times of cached writes (writeback cache),
-            # part of writing the file, so it must work whenever writing does (also fail-closed).
-            return "write", changed, False
         return "times", changed, fh is None
 
     # ---- file sessions ---------------------------------------------------------------------------
