@@ -26,9 +26,10 @@ from cryptography.hazmat.primitives.keywrap import (
 )
 
 from vcfs.core import xwing
+from vcfs.core.header import WRAP_XWING_KWP
 from vcfs.errors import HeaderAuthError
 
-WRAP_XWING_KWP = 2
+__all__ = ["BLOB_LEN", "WRAP_XWING_KWP", "blob_fingerprint", "fingerprint", "unwrap_with", "wrap_to"]
 FINGERPRINT_LEN = 16
 WRAPPED_DEK_LEN = 40
 BLOB_LEN = FINGERPRINT_LEN + xwing.CIPHERTEXT_LEN + WRAPPED_DEK_LEN  # 1176
@@ -47,11 +48,11 @@ def _wrap_key(shared_secret: bytes, fp: bytes) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=fp, info=INFO_WRAP).derive(shared_secret)
 
 
-def wrap_to(public: bytes, dek: bytes, x25519_ephemeral: bytes | None = None) -> bytes:
+def wrap_to(public: bytes, dek: bytes | bytearray, x25519_ephemeral: bytes | None = None) -> bytes:
     """Seal ``dek`` to the recipient ``public``. ``x25519_ephemeral``: test vectors only."""
     fp = fingerprint(public)
     secret, ct = xwing.encapsulate(public, x25519_ephemeral)
-    return fp + ct + aes_key_wrap_with_padding(_wrap_key(secret, fp), dek)
+    return fp + ct + aes_key_wrap_with_padding(_wrap_key(secret, fp), bytes(dek))
 
 
 def blob_fingerprint(blob: bytes) -> bytes:
@@ -60,15 +61,20 @@ def blob_fingerprint(blob: bytes) -> bytes:
     return blob[:FINGERPRINT_LEN]
 
 
-def unwrap_with(key: xwing.XWingPrivateKey, blob: bytes) -> bytes:
-    """The DEK, or HeaderAuthError naming what did not match. Never returns unverified bytes."""
+def unwrap_with(key: xwing.XWingPrivateKey, blob: bytes) -> bytearray:
+    """The DEK, or HeaderAuthError naming what did not match. Never returns unverified bytes.
+
+    The DEK comes in a fresh buffer that the caller owns and overwrites (``cryptography``'s own
+    ``bytes`` copy cannot be wiped; see docs/KEYS.md, "Memory")."""
     fp = blob_fingerprint(blob)
     if not hmac.compare_digest(fp, fingerprint(key.public)):
         raise HeaderAuthError("the DEK is wrapped to another recipient key (fingerprint mismatch)")
     ct = blob[FINGERPRINT_LEN : FINGERPRINT_LEN + xwing.CIPHERTEXT_LEN]
     try:
         secret = xwing.decapsulate(key, ct)
-        return aes_key_unwrap_with_padding(_wrap_key(secret, fp), blob[FINGERPRINT_LEN + xwing.CIPHERTEXT_LEN :])
+        return bytearray(
+            aes_key_unwrap_with_padding(_wrap_key(secret, fp), blob[FINGERPRINT_LEN + xwing.CIPHERTEXT_LEN :])
+        )
     except (InvalidUnwrap, xwing.XWingError):
         raise HeaderAuthError(
             "the recipient-wrapped DEK does not open: KEM ciphertext or wrapped key was modified"
