@@ -19,15 +19,17 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vcfs import __version__, auditcli, keyops, mounthelper, runpaths
-from vcfs.config import DOMAIN_RE, DomainConfig, StoreConfig, save_config
+from vcfs import __version__, auditcli, keyops, mounthelper, recipientops, runpaths
+from vcfs.config import DOMAIN_RE, DomainConfig, StoreConfig, load_config, save_config
 from vcfs.control import request as control_request
 from vcfs.errors import MountError, UsageError, VcfsError
 from vcfs.export import decrypt_file, export
 from vcfs.fsck import fsck
 from vcfs.guard import guard_mountpoint
+from vcfs.ingestnames import write_names_file
 from vcfs.keys import embedded
 from vcfs.keys.keystore import save_keystore
+from vcfs.keys.recipients import recipient_name
 from vcfs.keys.setup import HostKeyOptions, NewDomain, create_domain, store_keystore
 from vcfs.logsetup import error_prefix, setup_daemon_logging
 from vcfs.mountconfig import FUSE_FLAGS, MountConfig, load_mount_config
@@ -37,6 +39,7 @@ from vcfs.offline import OfflineStore, find_store, open_store
 from vcfs.rewrap import rewrap
 from vcfs.shred import shred
 from vcfs.statusview import render_status
+from vcfs.store import replace_file
 from vcfs.storelayout import lock_path, tree_path
 
 if TYPE_CHECKING:
@@ -177,6 +180,21 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="keep an unwrapped DEK this long after its file's last close (default 10; 0: not at all)",
     )
+    p.add_argument(
+        "--ingest",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="RECIPIENT.pub",
+        help="ingest (write-only) mount: no HSM; new files are sealed to this recipient public file (one per key "
+        "domain, repeatable) and cannot be read back here once closed; see docs/KEYS.md",
+    )
+    p.add_argument(
+        "--ingest-names",
+        type=Path,
+        metavar="FILE",
+        help="names-key file of an ingest mount of a store with encrypted names (a secret: vcfs keys recipient names)",
+    )
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     _key_options(p)
 
@@ -270,8 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     keys = sub.add_parser(
         "keys",
-        help="key lifecycle: list, rotate, rewrap, retire, destroy, domains",
-        description="Manage the store's master keys, KEKs and key domains. Safe while the store is mounted.",
+        help="key lifecycle: list, rotate, rewrap, retire, destroy, domains, ingest recipients, adopt",
+        description="Manage the store's master keys, KEKs, key domains and ingest recipients. Safe while the store "
+        "is mounted.",
     )
     ksub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     p = ksub.add_parser("list", help="domains, master keys, KEK versions, state, age and files per version")
@@ -325,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("version", type=int, metavar="VERSION")
     p.add_argument("--force", action="store_true", help="destroy even though files still use it")
     _key_options(p)
+    _recipient_parsers(ksub)
     dom = ksub.add_parser("domain", help="key domains: add one (data residency)")
     dsub = dom.add_subparsers(dest="domain_command", required=True, metavar="ACTION")
     p = dsub.add_parser(
@@ -344,6 +364,67 @@ def build_parser() -> argparse.ArgumentParser:
     _key_options(p)
     auditcli.add_parser(sub, _key_options)
     return parser
+
+
+def _recipient_parsers(ksub: argparse._SubParsersAction[_Parser]) -> None:
+    """``vcfs keys recipient ...`` (ingest hosts' public keys) and ``vcfs keys adopt``."""
+    rec = ksub.add_parser(
+        "recipient",
+        help="recipient key pairs for ingest (write-only) hosts: new, rotate, export, destroy, names",
+        description="A recipient is a hybrid post-quantum key pair (X-Wing: ML-KEM-768 + X25519) of a key domain. "
+        "Ingest hosts get only its public file and seal every new file's key to it; its private key is kept "
+        "wrapped by the domain's KEK in the keystore, so only hosts with the HSM can read those files. "
+        "See docs/KEYS.md.",
+    )
+    rsub = rec.add_subparsers(dest="recipient_command", required=True, metavar="ACTION")
+    for name, text in (
+        ("new", "the domain's first recipient key pair; writes its public file"),
+        ("rotate", "a new recipient key pair, made current; new ingest mounts given its file use it"),
+    ):
+        p = rsub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        p.add_argument("backing", type=Path, metavar="BACKING")
+        p.add_argument("domain", metavar="DOMAIN")
+        p.add_argument("--out", type=Path, required=True, metavar="FILE", help="where to write the public file")
+        _key_options(p)
+    p = rsub.add_parser("export", help="write a recipient's public file again (no HSM needed)")
+    p.add_argument("backing", type=Path, metavar="BACKING")
+    p.add_argument("domain", metavar="DOMAIN")
+    p.add_argument("version", type=int, nargs="?", metavar="VERSION", help="default: the current recipient")
+    p.add_argument("--out", type=Path, required=True, metavar="FILE", help="where to write the public file")
+    p.add_argument("--keystore", metavar="DIR", help="keystore directory (default: $VCFS_HOME/keystores)")
+    p = rsub.add_parser(
+        "destroy",
+        help="delete a recipient's private key: crypto-shred every file still wrapped to it",
+        description="Delete the wrapped private key of recipient VERSION from the keystore. Files still wrapped "
+        "to it (not adopted) become permanently unreadable; refused while any file is, unless --force.",
+    )
+    p.add_argument("backing", type=Path, metavar="BACKING")
+    p.add_argument("domain", metavar="DOMAIN")
+    p.add_argument("version", type=int, metavar="VERSION")
+    p.add_argument("--force", action="store_true", help="destroy even though files are still wrapped to it")
+    _key_options(p)
+    p = rsub.add_parser(
+        "names",
+        help="write the names-key file ingest hosts of a store with encrypted names need (a SECRET)",
+        description="Unwrap every key domain's names key through the HSM and write them to FILE (mode 0600) for "
+        "ingest hosts: they must encrypt and list names without an HSM. Whoever holds FILE and the store can read "
+        "every file name, never contents (docs/THREAT_MODEL.md).",
+    )
+    p.add_argument("backing", type=Path, metavar="BACKING")
+    p.add_argument("--out", type=Path, required=True, metavar="FILE", help="where to write the names keys (0600)")
+    _key_options(p)
+    p = ksub.add_parser(
+        "adopt",
+        help="rewrap files that ingest hosts wrapped to a recipient under the domain's KEK (headers only)",
+        description="Move every file (under PATH, a plaintext path) whose key is wrapped to a recipient under its "
+        "domain's current KEK, then erase the recipient's wrapping; data blocks are not touched. Resumable: files "
+        "open in a mount are skipped (exit 1) and a later run finishes them.",
+    )
+    p.add_argument("backing", type=Path, metavar="BACKING")
+    p.add_argument("path", nargs="?", metavar="PATH", help="plaintext path of a file or directory (default: all)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N", help="worker processes (default 1)")
+    p.add_argument("--json", action="store_true", help="print a machine-readable summary")
+    _key_options(p)
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -432,6 +513,7 @@ def _mount_options(args: argparse.Namespace) -> MountOptions:
             if flag not in FUSE_FLAGS:
                 raise UsageError(f"-o {flag}: not a mount flag vcfs passes on", hint=", ".join(sorted(FUSE_FLAGS)))
             flags.add(flag)
+    recipients, ingest_names = _ingest_options(args, cfg)
     return MountOptions(
         backing=Path(backing).resolve(),
         mountpoint=Path(mountpoint).resolve(),
@@ -444,7 +526,24 @@ def _mount_options(args: argparse.Namespace) -> MountOptions:
         policy_file=args.policy.resolve() if args.policy else cfg.mount.policy,
         audit_dir=args.audit_dir.resolve() if args.audit_dir else cfg.mount.audit_dir,
         **({"dek_cache_seconds": args.dek_cache} if args.dek_cache is not None else {}),
+        ingest=recipients,
+        ingest_names=ingest_names,
     )
+
+
+def _ingest_options(args: argparse.Namespace, cfg: MountConfig) -> tuple[tuple[Path, ...], Path | None]:
+    """``--ingest`` / ``--ingest-names`` (or the host config's [keys] ingest, ingest_names)."""
+    recipients = tuple(p.resolve() for p in args.ingest) or cfg.keys.ingest
+    names = args.ingest_names.resolve() if args.ingest_names else cfg.keys.ingest_names
+    if not recipients:
+        if names is not None:
+            raise UsageError("--ingest-names needs --ingest RECIPIENT.pub (it is for ingest mounts only)")
+        return (), None
+    if args.pkcs11_module or args.pin_file:
+        raise UsageError("an ingest mount uses no HSM: --pkcs11-module and --pin-file do not apply to it")
+    if args.dek_cache:
+        raise UsageError("an ingest mount keeps no DEK after a file's last close: --dek-cache does not apply")
+    return recipients, names
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
@@ -484,9 +583,12 @@ def _spawn_daemon(args: argparse.Namespace, opts: MountOptions) -> int:
     for flag, values in (("--pkcs11-module", args.pkcs11_module), ("--pin-file", args.pin_file)):
         for value in values:
             argv += [flag, value]
+    for path in args.ingest:
+        argv += ["--ingest", str(path.resolve())]
     for flag, value in (
         ("--policy", args.policy and str(args.policy.resolve())),
         ("--audit-dir", args.audit_dir and str(args.audit_dir.resolve())),
+        ("--ingest-names", args.ingest_names and str(args.ingest_names.resolve())),
     ):
         if value:
             argv += [flag, value]
@@ -697,15 +799,17 @@ def cmd_path(args: argparse.Namespace) -> int:
 
 
 def _print_keys(rows: list[dict[str, object]]) -> None:
-    print(f"{'DOMAIN':<12} {'TIER':<6} {'VERSION':>7}  {'STATE':<10} {'CURRENT':<7} {'AGE(d)':>6} {'FILES':>7}  WHERE")
+    print(f"{'DOMAIN':<12} {'TIER':<9} {'VERSION':>7}  {'STATE':<10} {'CURRENT':<7} {'AGE(d)':>6} {'FILES':>7}  WHERE")
     for r in rows:
         age = "" if r["age_days"] is None else r["age_days"]
         cur = "yes" if r["current"] else ""
         files = "" if r["files"] is None else r["files"]
         where = f"token {r['token']}" if r["stored"] == "token" else f"keystore (master m{r['master']})"
+        if r["tier"] == "recipient":
+            where = f"keystore (private key wrapped under KEK v{r['kek']})" if r.get("kek") else "keystore (missing)"
         if r["state"] == "destroyed":
             where = "-"
-        head = f"{r['domain']:<12} {r['tier']:<6} {r['version']:>7}  {r['state']:<10} {cur:<7}"
+        head = f"{r['domain']:<12} {r['tier']:<9} {r['version']:>7}  {r['state']:<10} {cur:<7}"
         print(f"{head} {age:>6} {files:>7}  {where}")
     prefixes = {str(r["domain"]): r["prefixes"] for r in rows}
     for domain, plist in prefixes.items():
@@ -745,7 +849,26 @@ def cmd_keys(args: argparse.Namespace) -> int:
                 f"current, {len(report.busy)} busy (open in a mount; run again later), {len(report.failed)} failed "
                 f"({report.seconds:.1f} s)"
             )
+            if report.ingest:
+                print(
+                    f"{report.ingest} files are wrapped to a recipient (ingest hosts): vcfs keys adopt {args.backing}"
+                )
         return report.exit_code
+    if action == "adopt":
+        report = rewrap(backing, None, None, _opts(args), _progress("adopt"), args.jobs, adopt=True, subpath=args.path)
+        if args.json:
+            print(json.dumps(report.to_json(), indent=2))
+        else:
+            for f in report.failed:
+                print(f"{f['path']}: {f['error']}")
+            print(
+                f"{report.rewrapped} adopted (now under their domain's KEK), {report.already} already under a KEK, "
+                f"{len(report.busy)} busy (open in a mount; run again later), {len(report.failed)} failed "
+                f"({report.seconds:.1f} s)"
+            )
+        return report.exit_code
+    if action == "recipient":
+        return _cmd_recipient(args, backing)
     if action == "retire":
         keyops.retire(backing, args.domain, args.version, _opts(args))
         print(f"KEK {args.domain}/v{args.version} retired: it still decrypts, it wraps nothing new")
@@ -758,6 +881,28 @@ def cmd_keys(args: argparse.Namespace) -> int:
         return 0
     shredded = keyops.destroy(backing, args.domain, args.version, args.force, _opts(args))
     print(f"KEK {args.domain}/v{args.version} destroyed; {shredded} files wrapped under it are now unreadable")
+    return 0
+
+
+def _cmd_recipient(args: argparse.Namespace, backing: Path) -> int:
+    action = args.recipient_command
+    if action == "names":
+        write_names_file(args.out, load_config(backing), recipientops.names_secrets(backing, _opts(args)))
+        print(f"names keys of every key domain written to {args.out} (mode 0600): a SECRET for ingest hosts only")
+        return 0
+    if action == "destroy":
+        shredded = recipientops.destroy(backing, args.domain, args.version, args.force, _opts(args))
+        print(f"recipient {args.domain}/r{args.version} destroyed; {shredded} files wrapped to it are now unreadable")
+        return 0
+    if action == "export":
+        public = recipientops.export_public(backing, args.domain, args.version, _opts(args))
+    else:
+        public = recipientops.create(backing, args.domain, _opts(args), rotate=action == "rotate")
+    replace_file(args.out, public.to_toml().encode())
+    name = recipient_name(public.ref)
+    print(f"recipient {name} (fingerprint {public.fingerprint.hex()}) public file: {args.out}")
+    if action != "export":
+        print(f"mount an ingest host with: vcfs mount --ingest {args.out.name} BACKING MOUNTPOINT")
     return 0
 
 
