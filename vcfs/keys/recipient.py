@@ -131,7 +131,7 @@ class IngestProvider:
         if rec is None or rec.version != ref.version:
             raise IngestOnlyError(f"no recipient key {recipient_name(ref)} on this ingest mount")
         if ref in self._destroyed:
-            raise KeyProviderError(
+            raise KeyDestroyedError(
                 f"recipient {recipient_name(ref)} was destroyed in this store: a new file wrapped to it would be "
                 "unreadable, so none is made",
                 hint="give this host the current recipient file (vcfs keys recipient export BACKING DOMAIN --out FILE)",
