@@ -1,17 +1,23 @@
 """An independent reader of wrap algorithm 2, written from docs/FORMAT.md alone.
 
-It uses nothing from vcfs: only hashlib and cryptography's ML-KEM-768, X25519, HKDF and
-RFC 5649 unwrap, so a mistake shared by the codec and its documentation shows up here.
+The reader uses nothing from vcfs: only hashlib, hmac, struct and cryptography's ML-KEM-768,
+X25519, HKDF, RFC 5649 unwrap and AES-GCM, so a mistake shared by the codec and its
+documentation shows up here. The last test checks the other direction: vcfs's codec makes the
+same bytes, and vcfs reads them.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
+import os
+import struct
 from pathlib import Path
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.keywrap import aes_key_unwrap_with_padding
 
@@ -48,3 +54,49 @@ def test_vector_public_key_and_ephemeral() -> None:
     eph = x25519.X25519PrivateKey.from_private_bytes(bytes.fromhex(VECTOR["x25519_ephemeral"]))
     ct_x = bytes.fromhex(VECTOR["blob"])[16 + 1088 : 16 + 1120]
     assert eph.public_key().public_bytes_raw() == ct_x
+
+
+def test_backing_file_decrypts_independently() -> None:
+    """The whole file an ingest host writes, read from docs/FORMAT.md alone (Header, Key slots, Blocks)."""
+    f = VECTOR["file"]
+    raw = bytes.fromhex(f["backing"])
+    assert len(raw) == f["backing_size"] and hashlib.sha256(raw).hexdigest() == f["backing_sha256"]
+    preamble, slot = raw[0:64], raw[64 : 64 + 2016]
+    file_id = preamble[12:28]
+    gen, alg, version, seals, dlen, wlen = struct.unpack(">QHIQBH", slot[:25])
+    assert (gen, alg, version, seals, dlen, wlen) == (1, 2, 1, 65536, 7, 1176)
+    assert slot[25 : 25 + dlen] == b"default"
+    dek = independent_unwrap(bytes.fromhex(VECTOR["recipient_seed"]), slot[25 + dlen : 25 + dlen + wlen])
+
+    def hkdf(info: bytes) -> bytes:
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=file_id, info=info).derive(dek)
+
+    assert hkdf(b"vcfs v1 key commitment") == preamble[28:60]
+    mac = hmac.new(hkdf(b"vcfs v1 header mac key"), preamble + slot[:1984], hashlib.sha256).digest()
+    assert mac == slot[1984:2016]
+    block = raw[4096:]
+    aad = preamble[:28] + (0).to_bytes(8, "big") + b"\x01"  # block 0, final
+    plain = AESGCM(hkdf(b"vcfs v1 content key")).decrypt(block[:12], block[12:], aad)
+    assert plain == bytes.fromhex(f["plaintext"])
+
+
+def test_codec_reproduces_the_backing_file_and_vcfs_reads_it(tmp_path: Path) -> None:
+    from make_xwing_vector import backing_file
+
+    from vcfs.cryptfile import open_cryptfile
+    from vcfs.keys.base import KeyRef, Wrapped
+    from vcfs.keys.recipient import RecipientKeyring, RecipientSpec
+
+    f = VECTOR["file"]
+    assert backing_file(bytes.fromhex(VECTOR["blob"]))["backing"] == f["backing"]
+    path = tmp_path / "rec"
+    path.write_bytes(bytes.fromhex(f["backing"]))
+    seed = bytes.fromhex(VECTOR["recipient_seed"])
+    seed_wrapping = Wrapped(KeyRef("default", 1), 1, b"(the seed, wrapped under a KEK)")
+    keyring = RecipientKeyring(lambda _w: bytearray(seed))  # stands in for the HSM's unwrap of the seed
+    keyring.sync([RecipientSpec(KeyRef("default", 1), bytes.fromhex(VECTOR["fingerprint"]), seed=seed_wrapping)])
+    cf = open_cryptfile(os.open(path, os.O_RDONLY), "rec", keyring.unwrap)
+    try:
+        assert cf.read(0, cf.size) == bytes.fromhex(f["plaintext"])
+    finally:
+        cf.close()
