@@ -158,6 +158,9 @@ def test_trusted_side_reads_ingest_files_and_rewrap_keeps_seeds_readable(
     assert _read(store, path) == DATA  # the seed moved to KEK v2 with the rewrap
     run_vcfs("decrypt", str(path), str(tmp_path / "out.bin"))
     assert (tmp_path / "out.bin").read_bytes() == DATA
+    run_vcfs("export", str(store), str(tmp_path / "export"))
+    assert (tmp_path / "export" / "rec.bin").read_bytes() == DATA
+    assert json.loads(run_vcfs("fsck", str(store), "--json").stdout)["problems"] == []
 
 
 def test_adopt_offline_moves_the_file_under_the_kek_and_erases_the_recipient_slot(store: Path, recipient: Path) -> None:
