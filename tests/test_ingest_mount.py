@@ -249,12 +249,16 @@ def test_adopt_while_a_trusted_mount_reads(store: Path, ingest: Ingest, tmp_path
             assert held.read(1000) == contents["cam/f0.bin"][:1000]
             first = run_vcfs("keys", "adopt", str(store), "/cam", "--json", check=False)
             report = json.loads(first.stdout)
-            assert first.returncode == 1 and report["busy"] == ["cam/f0.bin"], report
+            assert first.returncode == 1 and "cam/f0.bin" in report["busy"], report
             assert held.read() == contents["cam/f0.bin"][1000:]
             held.close()
-            second = json.loads(run_vcfs("keys", "adopt", str(store), "/cam", "--json").stdout)
-            assert second["exit_code"] == 0 and second["busy"] == [] and second["failed"] == []
-            assert report["rewrapped"] + second["rewrapped"] == 4
+            adopted = report["rewrapped"]
+            for _ in range(50):  # the reader may hold another file open at the moment adopt reaches it
+                again = json.loads(run_vcfs("keys", "adopt", str(store), "/cam", "--json", check=False).stdout)
+                adopted += again["rewrapped"]
+                if again["exit_code"] == 0:
+                    break
+            assert again["exit_code"] == 0 and again["failed"] == [] and adopted == 4, again
         finally:
             if not held.closed:
                 held.close()
