@@ -139,6 +139,7 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
             keys = MountKeys(opts.backing, metered, opts.keys, opts.dek_cache_seconds, chown=can_chown())
         ops = VcfsOperations(tree, keys, guard, journal, names)
         state = MountState(opts.backing, opts.mountpoint, lambda: ops.open_files)
+        state.ingest = [recipient_name(r.ref) for r in ingest.recipients()] if ingest is not None else []
         extras = service.open_extras(opts.mountpoint, opts.control, opts.metrics, state)  # may refuse: port taken
         options = set(pyfuse3.default_options) | set(opts.fuse_options)
         options |= {f"fsname={opts.backing}", "subtype=vcfs"}
