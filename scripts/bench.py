@@ -502,6 +502,9 @@ def main() -> int:
                     "headers/s against the HSM's unwrap+wrap ceiling; writes OUT/rewrap.json")
     ap.add_argument("--rewrap-jobs", type=int, default=2, metavar="J", help="worker processes for the second "
                     "rewrap of each round (default 2)")
+    ap.add_argument("--ingest", type=int, metavar="N", help="only the ingest workloads: N new files on an ingest "
+                    "mount vs a normal mount, then the recorder workloads (--audit-streams streams); "
+                    "writes OUT/bench-ingest.json")
     args = ap.parse_args()
     if args.names:
         args.only, args.targets = "ls_lR_5000", "vcfs,vcfs-plain"
@@ -516,6 +519,17 @@ def main() -> int:
         out.mkdir(exist_ok=True)
         (out / "bench-audit.json").write_text(json.dumps(data, indent=2))
         print(f"json: {out / 'bench-audit.json'}")
+        shutil.rmtree(work, ignore_errors=True)
+        return 0
+    if args.ingest:
+        sys.path.insert(0, str(ROOT / "scripts"))
+        import bench_ingest
+
+        data = bench_ingest.run(work, args.repeat, args.ingest, int(args.audit_streams), args.recorder_seconds)
+        out = Path(args.out)
+        out.mkdir(exist_ok=True)
+        (out / "bench-ingest.json").write_text(json.dumps(data, indent=2))
+        print(f"json: {out / 'bench-ingest.json'}")
         shutil.rmtree(work, ignore_errors=True)
         return 0
     if args.rewrap:

@@ -76,6 +76,12 @@ def _filters(p: argparse.ArgumentParser) -> None:
 def _key(directory: Path, args: argparse.Namespace) -> tuple[AuditKey, Any]:
     start = read_start(directory)
     hsm = start.get("hsm")
+    if isinstance(hsm, dict) and hsm.get("ingest"):
+        raise UsageError(
+            f"the audit log in {directory} was written by an ingest mount, which has no HSM: its checkpoints "
+            "carry no MAC",
+            hint=f"check its hash chain with: vcfs audit verify {directory} --no-hsm",
+        )
     return open_offline_key(hsm if isinstance(hsm, dict) else {}, args.pkcs11_module, args.pin_file)
 
 

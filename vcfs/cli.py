@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vcfs import __version__, auditcli, keyops, mounthelper, runpaths
+from vcfs import __version__, auditcli, keyops, mounthelper, recipientcli, runpaths
 from vcfs.config import DOMAIN_RE, DomainConfig, StoreConfig, save_config
 from vcfs.control import request as control_request
 from vcfs.errors import MountError, UsageError, VcfsError
@@ -177,6 +177,21 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="keep an unwrapped DEK this long after its file's last close (default 10; 0: not at all)",
     )
+    p.add_argument(
+        "--ingest",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="RECIPIENT.pub",
+        help="ingest (write-only) mount: no HSM; new files are sealed to this recipient public file (one per key "
+        "domain, repeatable) and cannot be read back here once closed; see docs/KEYS.md",
+    )
+    p.add_argument(
+        "--ingest-names",
+        type=Path,
+        metavar="FILE",
+        help="names-key file of an ingest mount of a store with encrypted names (a secret: vcfs keys recipient names)",
+    )
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     _key_options(p)
 
@@ -271,8 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     keys = sub.add_parser(
         "keys",
-        help="key lifecycle: list, rotate, rewrap, retire, destroy, domains",
-        description="Manage the store's master keys, KEKs and key domains. Safe while the store is mounted.",
+        help="key lifecycle: list, rotate, rewrap, retire, destroy, domains, ingest recipients, adopt",
+        description="Manage the store's master keys, KEKs, key domains and ingest recipients. Safe while the store "
+        "is mounted.",
     )
     ksub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     p = ksub.add_parser("list", help="domains, master keys, KEK versions, state, age and files per version")
@@ -326,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("version", type=int, metavar="VERSION")
     p.add_argument("--force", action="store_true", help="destroy even though files still use it")
     _key_options(p)
+    recipientcli.add_parsers(ksub, _key_options)
     dom = ksub.add_parser("domain", help="key domains: add one (data residency)")
     dsub = dom.add_subparsers(dest="domain_command", required=True, metavar="ACTION")
     p = dsub.add_parser(
@@ -433,6 +450,7 @@ def _mount_options(args: argparse.Namespace) -> MountOptions:
             if flag not in FUSE_FLAGS:
                 raise UsageError(f"-o {flag}: not a mount flag vcfs passes on", hint=", ".join(sorted(FUSE_FLAGS)))
             flags.add(flag)
+    recipients, ingest_names = _ingest_options(args, cfg)
     return MountOptions(
         backing=Path(backing).resolve(),
         mountpoint=Path(mountpoint).resolve(),
@@ -445,7 +463,24 @@ def _mount_options(args: argparse.Namespace) -> MountOptions:
         policy_file=args.policy.resolve() if args.policy else cfg.mount.policy,
         audit_dir=args.audit_dir.resolve() if args.audit_dir else cfg.mount.audit_dir,
         **({"dek_cache_seconds": args.dek_cache} if args.dek_cache is not None else {}),
+        ingest=recipients,
+        ingest_names=ingest_names,
     )
+
+
+def _ingest_options(args: argparse.Namespace, cfg: MountConfig) -> tuple[tuple[Path, ...], Path | None]:
+    """``--ingest`` / ``--ingest-names`` (or the host config's [keys] ingest, ingest_names)."""
+    recipients = tuple(p.resolve() for p in args.ingest) or cfg.keys.ingest
+    names = args.ingest_names.resolve() if args.ingest_names else cfg.keys.ingest_names
+    if not recipients:
+        if names is not None:
+            raise UsageError("--ingest-names needs --ingest RECIPIENT.pub (it is for ingest mounts only)")
+        return (), None
+    if args.pkcs11_module or args.pin_file:
+        raise UsageError("an ingest mount uses no HSM: --pkcs11-module and --pin-file do not apply to it")
+    if args.dek_cache:
+        raise UsageError("an ingest mount keeps no DEK after a file's last close: --dek-cache does not apply")
+    return recipients, names
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
@@ -485,9 +520,12 @@ def _spawn_daemon(args: argparse.Namespace, opts: MountOptions) -> int:
     for flag, values in (("--pkcs11-module", args.pkcs11_module), ("--pin-file", args.pin_file)):
         for value in values:
             argv += [flag, value]
+    for path in args.ingest:
+        argv += ["--ingest", str(path.resolve())]
     for flag, value in (
         ("--policy", args.policy and str(args.policy.resolve())),
         ("--audit-dir", args.audit_dir and str(args.audit_dir.resolve())),
+        ("--ingest-names", args.ingest_names and str(args.ingest_names.resolve())),
     ):
         if value:
             argv += [flag, value]
@@ -698,15 +736,17 @@ def cmd_path(args: argparse.Namespace) -> int:
 
 
 def _print_keys(rows: list[dict[str, object]]) -> None:
-    print(f"{'DOMAIN':<12} {'TIER':<6} {'VERSION':>7}  {'STATE':<10} {'CURRENT':<7} {'AGE(d)':>6} {'FILES':>7}  WHERE")
+    print(f"{'DOMAIN':<12} {'TIER':<9} {'VERSION':>7}  {'STATE':<10} {'CURRENT':<7} {'AGE(d)':>6} {'FILES':>7}  WHERE")
     for r in rows:
         age = "" if r["age_days"] is None else r["age_days"]
         cur = "yes" if r["current"] else ""
         files = "" if r["files"] is None else r["files"]
         where = f"token {r['token']}" if r["stored"] == "token" else f"keystore (master m{r['master']})"
+        if r["tier"] == "recipient":
+            where = f"keystore (private key wrapped under KEK v{r['kek']})" if r.get("kek") else "keystore (missing)"
         if r["state"] == "destroyed":
             where = "-"
-        head = f"{r['domain']:<12} {r['tier']:<6} {r['version']:>7}  {r['state']:<10} {cur:<7}"
+        head = f"{r['domain']:<12} {r['tier']:<9} {r['version']:>7}  {r['state']:<10} {cur:<7}"
         print(f"{head} {age:>6} {files:>7}  {where}")
     prefixes = {str(r["domain"]): r["prefixes"] for r in rows}
     for domain, plist in prefixes.items():
@@ -746,7 +786,13 @@ def cmd_keys(args: argparse.Namespace) -> int:
                 f"current, {len(report.busy)} busy (open in a mount; run again later), {len(report.failed)} failed "
                 f"({report.seconds:.1f} s)"
             )
+            if report.ingest:
+                print(
+                    f"{report.ingest} files are wrapped to a recipient (ingest hosts): vcfs keys adopt {args.backing}"
+                )
         return report.exit_code
+    if action in ("adopt", "recipient"):
+        return recipientcli.cmd(args, backing, _opts(args), _progress("adopt"))
     if action == "retire":
         keyops.retire(backing, args.domain, args.version, _opts(args))
         print(f"KEK {args.domain}/v{args.version} retired: it still decrypts, it wraps nothing new")

@@ -22,6 +22,8 @@ import tomli_w
 from vcfs.domainmap import DomainMap
 from vcfs.errors import ConfigError, UsageError
 from vcfs.keys.base import KEK_STATES
+from vcfs.keys.recipients import FEATURE as RECIPIENTS_FEATURE
+from vcfs.keys.recipients import RecipientEntry, config_recipients_toml, load_config_recipients
 from vcfs.keys.uri import Pkcs11Uri, parse_pkcs11_uri
 from vcfs.store import replace_file
 from vcfs.storelayout import TREE_DIR, tree_path
@@ -35,7 +37,7 @@ READABLE_FORMATS = (1, 2)
 # Where a domain's KEKs live: wrapped by the domain's master key in the keystore kept outside
 # the backing store (what vcfs creates), or as token objects named by URI (an HSM admin's key).
 KEK_STORE_KEYSTORE, KEK_STORE_TOKEN = "keystore", "token"
-KNOWN_FEATURES = {"encrypted_names"}
+KNOWN_FEATURES = {"encrypted_names", RECIPIENTS_FEATURE}
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 NAMES_SCHEME = 1  # docs/FORMAT.md "Names": AES-SIV-512, PKCS#7 to 16, base64url, long names over 255 bytes
 DOMAIN_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
@@ -73,6 +75,8 @@ class DomainConfig:
     prefixes: list[str] = field(default_factory=list)  # plaintext path prefixes ("/eu/")
     kek_store: str = KEK_STORE_TOKEN
     pin_source: str | None = None  # "file:/path" of this domain's PIN (never the PIN itself)
+    recipients: list[RecipientEntry] = field(default_factory=list)  # ingest recipients (vcfs/keys/recipients.py)
+    recipient_current: int = 0  # the version new recipient files are made for; 0: none
 
     def uses_format_2(self) -> bool:
         return bool(self.prefixes) or self.kek_store != KEK_STORE_TOKEN or self.pin_source is not None
@@ -118,6 +122,7 @@ class StoreConfig:
                         "embedded": d.embedded,
                         "current": d.current,
                         **_domain_v2_fields(d),
+                        **config_recipients_toml(d.recipient_current, d.recipients),
                         "kek": [
                             {
                                 "version": k.version,
@@ -277,6 +282,9 @@ def load_config(backing: Path) -> StoreConfig:
         )
         if cfg_domain.current not in {k.version for k in entries}:
             raise ConfigError(f"store config: {where}current names a KEK version that is not listed")
+        cfg_domain.recipient_current, cfg_domain.recipients = load_config_recipients(d, where)
+        if cfg_domain.recipients and not features.get(RECIPIENTS_FEATURE):
+            raise ConfigError(f"store config: {where}recipient is listed, but features.{RECIPIENTS_FEATURE} is not set")
         domains[name] = cfg_domain
     default = _want(keys, "default_domain", str, "keys.")
     if default not in domains:

@@ -41,6 +41,7 @@ from vcfs.core.aead import DEK_LEN, FileKeys, derive_file_keys, derive_header_ke
 from vcfs.core.blocks import open_block, seal_block
 from vcfs.core.header import (
     SLOT_LEN,
+    WRAP_PKCS11_AES_KWP,
     Header,
     KeySlot,
     new_header,
@@ -742,7 +743,7 @@ def rewrap_header(
     index, slot, dek, keys = _unlock(header, label, unwrap)
     try:
         old = KeyRef(slot.domain, slot.kek_version)
-        if old == target:
+        if old == target and slot.wrap_alg == WRAP_PKCS11_AES_KWP:  # under 2, "version" is a recipient
             other = header.slots[1 - index]
             return Rewrapped(old, index, other.domain if other is not None else None)
         wrapped = wrap(dek)

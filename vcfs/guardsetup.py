@@ -17,7 +17,7 @@ import trio
 
 from vcfs.access import AccessGuard
 from vcfs.accessconfig import AccessConfig, load_access_file
-from vcfs.audit.hsm import AuditKey
+from vcfs.audit.hsm import AuditKey, ChainOnlyKey
 from vcfs.audit.log import AuditLog
 from vcfs.config import StoreConfig
 from vcfs.errors import PolicyError, UsageError
@@ -31,6 +31,32 @@ def _inside(path: Path, parent: Path) -> bool:
     return real == base or real.startswith(base.rstrip("/") + "/")
 
 
+def _audit_hsm(
+    cfg: StoreConfig, provider: Pkcs11Provider | None, hash_names: bool
+) -> tuple[dict[str, str | bool], Callable[[str], AuditKey]]:
+    """Where the audit key lives (for the log's start record) and how to open it.
+
+    Without a provider (an ingest mount, which has no HSM) the log is hash-chained only."""
+    if provider is None:
+        if hash_names:
+            raise UsageError(
+                "[audit] hash_names needs the HSM's audit key, and an ingest mount has no HSM",
+                hint="drop hash_names from the policy file of ingest mounts",
+            )
+        return {"token": "", "embedded": False, "ingest": True}, lambda _label: ChainOnlyKey()
+    domain = cfg.domains[cfg.default_domain]
+    current = next((k for k in domain.keks if k.version == domain.current), None)
+    token = domain.token or (current.uri.token if current is not None and current.uri else None) or ""
+    hsm: dict[str, str | bool] = {"token": token, "embedded": domain.embedded}
+    if not domain.embedded:
+        hsm["module"] = domain.module
+
+    def key_for(label: str) -> AuditKey:
+        return AuditKey(lambda: provider.session_for(cfg.default_domain), label, create=True)
+
+    return hsm, key_for
+
+
 def load_access(policy_file: Path | None) -> AccessConfig:
     """The access config of a mount (raises PolicyError); defaults when there is no file."""
     return load_access_file(policy_file) if policy_file is not None else AccessConfig()
@@ -41,7 +67,7 @@ def open_guard(
     policy_file: Path | None,
     audit_dir: Path | None,
     cfg: StoreConfig,
-    provider: Pkcs11Provider,
+    provider: Pkcs11Provider | None,
     backing: Path,
     mountpoint: Path,
     clock: Callable[[], float] = time.time,
@@ -55,16 +81,8 @@ def open_guard(
                     f"the audit directory {audit.dir} is inside the {what} {other}",
                     hint="keep the audit log outside the store and the mount, e.g. /var/log/vcfs/audit",
                 )
-        domain = cfg.domains[cfg.default_domain]
-        current = next((k for k in domain.keks if k.version == domain.current), None)
-        token = domain.token or (current.uri.token if current is not None and current.uri else None) or ""
-        hsm: dict[str, str | bool] = {"token": token, "embedded": domain.embedded}
-        if not domain.embedded:
-            hsm["module"] = domain.module
+        hsm, key_for = _audit_hsm(cfg, provider, audit.hash_names)
         start = {"hsm": hsm, "names": "hmac" if audit.hash_names else "plain"}
-
-        def key_for(label: str) -> AuditKey:
-            return AuditKey(lambda: provider.session_for(cfg.default_domain), label, create=True)
 
         audit_log = AuditLog(audit, key_for, start, clock)
         audit_log.open()

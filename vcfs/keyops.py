@@ -28,7 +28,7 @@ from vcfs.config import (
     save_config,
     utc_now,
 )
-from vcfs.core.header import parse_header
+from vcfs.core.header import WRAP_PKCS11_AES_KWP, WRAP_XWING_KWP, parse_header
 from vcfs.core.layout import HEADER_LEN
 from vcfs.errors import FormatError, UsageError
 from vcfs.keys import embedded
@@ -50,6 +50,7 @@ from vcfs.keys.uri import Pkcs11Uri
 from vcfs.namekeys import create_names_key, name_layer, names_keys_under
 from vcfs.namepaths import resolve
 from vcfs.offline import data_files
+from vcfs.recipientkeys import seeds_under
 from vcfs.store import lock_store, pread_exact
 from vcfs.storelayout import tree_path
 
@@ -76,9 +77,15 @@ def _lock(cfg: StoreConfig, opts: HostKeyOptions) -> contextlib.AbstractContextM
 
 
 def usage_by_version(backing: Path) -> dict[KeyRef, int]:
-    """How many files each KEK version wraps (newest slot of each header; not authenticated,
-    which is fine for counting: a forged header gains nothing from being miscounted)."""
-    counts: dict[KeyRef, int] = {}
+    """How many files each KEK version wraps (newest slot of each header)."""
+    return {ref: n for (alg, ref), n in usage_by_wrap(backing).items() if alg == WRAP_PKCS11_AES_KWP}
+
+
+def usage_by_wrap(backing: Path) -> dict[tuple[int, KeyRef], int]:
+    """How many files each (wrap algorithm, KEK or recipient) wraps: newest slot of each header;
+    not authenticated, which is fine for counting: a forged header gains nothing from being
+    miscounted. Wrap algorithm 2 names a recipient version where 1 names a KEK version."""
+    counts: dict[tuple[int, KeyRef], int] = {}
     for path, _st in data_files(backing):
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
@@ -89,8 +96,8 @@ def usage_by_version(backing: Path) -> dict[KeyRef, int]:
         except (OSError, FormatError):
             continue
         _index, slot = header.candidates()[0]
-        ref = KeyRef(slot.domain, slot.kek_version)
-        counts[ref] = counts.get(ref, 0) + 1
+        key = (slot.wrap_alg, KeyRef(slot.domain, slot.kek_version))
+        counts[key] = counts.get(key, 0) + 1
     return counts
 
 
@@ -101,10 +108,12 @@ def _age_days(stamp: str, now: datetime) -> int | None:
 
 
 def list_keys(backing: Path, opts: HostKeyOptions) -> list[dict[str, object]]:
-    """One row per KEK version (tier "kek") and per master key version (tier "master")."""
+    """One row per KEK version (tier "kek"), master key version (tier "master") and recipient
+    version (tier "recipient", ingest hosts' public keys; docs/KEYS.md)."""
     cfg = load_config(backing)
     ks = store_keystore(cfg, opts)
-    counts = usage_by_version(backing)
+    by_wrap = usage_by_wrap(backing)
+    counts = {ref: n for (alg, ref), n in by_wrap.items() if alg == WRAP_PKCS11_AES_KWP}
     now = datetime.now(UTC)
     rows: list[dict[str, object]] = []
     for domain in cfg.domains.values():
@@ -141,6 +150,27 @@ def list_keys(backing: Path, opts: HostKeyOptions) -> list[dict[str, object]]:
                     "stored": "token",
                     "uri": str(Pkcs11Uri(token=domain.token, object=m.label, type="secret-key")),
                     "master": None,
+                }
+            )
+        seeds = keys.recipients if keys else {}
+        for r in domain.recipients:
+            seed = seeds.get(r.version)
+            gone = r.state == STATE_DESTROYED or (seed is not None and seed.state == STATE_DESTROYED)
+            rows.append(
+                {
+                    **common,
+                    "tier": "recipient",
+                    "version": r.version,
+                    "state": STATE_DESTROYED if gone else r.state,
+                    "current": r.version == domain.recipient_current,
+                    "created": r.created or None,
+                    "age_days": _age_days(r.created, now),
+                    "files": by_wrap.get((WRAP_XWING_KWP, KeyRef(domain.name, r.version)), 0),
+                    "stored": "keystore",
+                    "uri": None,
+                    "master": None,
+                    "kek": seed.kek_version if seed is not None and seed.blob else None,
+                    "fingerprint": r.fingerprint.hex(),
                 }
             )
     return rows
@@ -222,6 +252,12 @@ def destroy(backing: Path, domain_name: str, version: int, force: bool, opts: Ho
             raise UsageError(
                 f"KEK {domain.name}/v{version} still wraps the names key of key domain {names[0]!r}",
                 hint=f"vcfs keys rewrap {backing} {names[0]} first (it rewraps the names key too)",
+            )
+        seeds = seeds_under(store_keystore(cfg, opts), KeyRef(domain.name, version))
+        if seeds:  # never, not even with --force: it would shred every file wrapped to those recipients
+            raise UsageError(
+                f"KEK {domain.name}/v{version} still wraps the private key of recipient {seeds[0]}",
+                hint=f"vcfs keys rewrap {backing} {domain.name} first (it rewraps recipient keys too)",
             )
         in_use = usage_by_version(backing).get(KeyRef(domain.name, version), 0)
         if in_use and not force:

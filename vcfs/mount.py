@@ -19,14 +19,17 @@ import trio
 
 from vcfs import service
 from vcfs.access import AccessGuard
-from vcfs.config import load_config
+from vcfs.config import StoreConfig, load_config
 from vcfs.errors import MountError, VcfsError
 from vcfs.fs import VcfsOperations
 from vcfs.guardsetup import load_access, open_guard
+from vcfs.ingest import IngestKeys, open_ingest, report_torn
 from vcfs.journal import Journal
 from vcfs.keys.dekcache import DEFAULT_TTL
 from vcfs.keys.metered import MeteredProvider
 from vcfs.keys.provider import Pkcs11Provider
+from vcfs.keys.recipient import IngestProvider
+from vcfs.keys.recipients import recipient_name
 from vcfs.keys.setup import HostKeyOptions, open_provider
 from vcfs.mountconfig import ControlSection, MetricsSection
 from vcfs.mountkeys import MountKeys
@@ -57,6 +60,8 @@ class MountOptions:
     metrics: MetricsSection = field(default_factory=MetricsSection)
     control: ControlSection = field(default_factory=ControlSection)
     dek_cache_seconds: float = DEFAULT_TTL  # how long an unwrapped DEK outlives its last close
+    ingest: tuple[Path, ...] = ()  # recipient public files: an ingest (write-only) mount, no HSM (vcfs/ingest.py)
+    ingest_names: Path | None = None  # the names-key file of an ingest mount (stores with encrypted names)
 
 
 def _unescape(raw: bytes) -> bytes:
@@ -97,33 +102,46 @@ def _report(ready_fd: int | None, text: str) -> None:
 
 def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
     """Mount and serve until unmounted or signalled; returns the exit code."""
-    provider = None
+    provider: Pkcs11Provider | None = None
+    ingest: IngestProvider | None = None
     guard: AccessGuard | None = None
     extras = None
     mounted = False
+    tree = os.fsencode(tree_path(opts.backing))
     try:
         cfg = load_config(opts.backing)
         check_mountpoint(opts.mountpoint)
         access = load_access(opts.policy_file)
-        provider = open_provider(cfg, opts.keys, probe=True)
-        for domain in cfg.domains:
-            if not provider.is_down(domain):  # a down domain was logged; it recovers by itself
-                provider.self_test(domain)
-        names = name_layer(cfg, provider, skip=provider.is_down)  # a wrong names key fails here
-        check_layout(names, os.fsencode(tree_path(opts.backing)))
-        names.dir_key(os.fsencode(tree_path(opts.backing)), b"/")  # a missing root directory id fails here
+        if opts.ingest:  # no HSM: recipients and a names-key file instead
+            ingest, names = open_ingest(cfg, opts.ingest, opts.ingest_names, tree)
+        else:
+            provider = open_provider(cfg, opts.keys, probe=True, keep_recipient_keys=False)
+            for domain in cfg.domains:
+                if not provider.is_down(domain):  # a down domain was logged; it recovers by itself
+                    provider.self_test(domain)
+            names = name_layer(cfg, provider, skip=provider.is_down)  # a wrong names key fails here
+        check_layout(names, tree)
+        names.dir_key(tree, b"/")  # a missing root directory id fails here
         lock_store(opts.backing)  # only now: a refused mount leaves the store untouched
         clean_leftovers(opts.backing)
         journal = Journal(opts.backing)
-        tree = os.fsencode(tree_path(opts.backing))
-        recover_store(journal, provider.unwrap, lambda p: _describe(names, tree, p))  # before anything is served
+        if provider is not None:  # blocks a crash tore, before anything is served
+            recover_store(journal, provider.unwrap, lambda p: _describe(names, tree, p))
+        else:
+            report_torn(len(list(journal.entries())))
         guard, reload = open_guard(
             access, opts.policy_file, opts.audit_dir, cfg, provider, opts.backing, opts.mountpoint
         )
-        metered = cast(Pkcs11Provider, MeteredProvider(provider))  # HSM call counts and latency
-        keys = MountKeys(opts.backing, metered, opts.keys, opts.dek_cache_seconds, chown=can_chown())
-        ops = VcfsOperations(os.fsencode(tree_path(opts.backing)), keys, guard, journal, names)
+        keys: MountKeys
+        if ingest is not None:
+            keys = IngestKeys(opts.backing, ingest, chown=can_chown())
+        else:
+            assert provider is not None
+            metered = cast(Pkcs11Provider, MeteredProvider(provider))  # HSM call counts and latency
+            keys = MountKeys(opts.backing, metered, opts.keys, opts.dek_cache_seconds, chown=can_chown())
+        ops = VcfsOperations(tree, keys, guard, journal, names)
         state = MountState(opts.backing, opts.mountpoint, lambda: ops.open_files)
+        state.ingest = [recipient_name(r.ref) for r in ingest.recipients()] if ingest is not None else []
         extras = service.open_extras(opts.mountpoint, opts.control, opts.metrics, state)  # may refuse: port taken
         options = set(pyfuse3.default_options) | set(opts.fuse_options)
         options |= {f"fsname={opts.backing}", "subtype=vcfs"}
@@ -151,8 +169,7 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
         if provider is not None:
             provider.close()
         raise
-    kek_list = ", ".join(str(provider.current(d)) for d in cfg.domains)
-    log.info("mounted %s at %s (KEK %s)", opts.backing, opts.mountpoint, kek_list)
+    log.info("mounted %s at %s (%s)", opts.backing, opts.mountpoint, _keys_in_use(cfg, provider, ingest))
     guard.start(backing=str(opts.backing), mountpoint=str(opts.mountpoint), policy=access.digest or None)
     daemon = extras.daemon(ops, opts.backing, lambda: _report(ready_fd, "ok\n"))
     daemon.on_hup = reload  # a bad policy file is refused and audited; the policy in force stays
@@ -166,7 +183,8 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
         guard.close(result="ok")  # after the kernel let go: the last sessions are recorded
         keys.close()
         extras.close()
-        provider.close()
+        if provider is not None:
+            provider.close()
         log.info("unmounted %s", opts.mountpoint)
     return 0
 
@@ -178,6 +196,15 @@ def _describe(names: NameLayer, tree: bytes, backing: bytes) -> str:
     except VcfsError:
         return os.fsdecode(backing)
     return label(names.encrypted, backing, plain)
+
+
+def _keys_in_use(cfg: StoreConfig, provider: Pkcs11Provider | None, ingest: IngestProvider | None) -> str:
+    if ingest is not None:
+        return "ingest only, no HSM: new files to recipient " + ", ".join(
+            recipient_name(r.ref) for r in ingest.recipients()
+        )
+    assert provider is not None
+    return "KEK " + ", ".join(str(provider.current(d)) for d in cfg.domains)
 
 
 async def _key_upkeep(ops: VcfsOperations) -> None:

@@ -48,6 +48,8 @@ class KeysSection:
     pkcs11_module: str | None = None
     pin_file: str | None = None
     keystore: str | None = None  # directory of the keystore with the wrapped KEKs (docs/KEYS.md)
+    ingest: tuple[Path, ...] = ()  # recipient public files: an ingest (write-only) mount without an HSM
+    ingest_names: Path | None = None  # names-key file of an ingest mount (stores with encrypted names)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,15 +137,36 @@ def parse_mount(table: Any, p: Problems, where: KeyPath = ("mount",)) -> MountSe
 
 
 def parse_keys(table: Any, p: Problems, where: KeyPath = ("keys",)) -> KeysSection:
-    t = _Table(table, where, p, {"pkcs11_module", "pin_file", "keystore"} | {"pin"})
+    t = _Table(table, where, p, {"pkcs11_module", "pin_file", "keystore", "ingest", "ingest_names"} | {"pin"})
     if "pin" in t.t:
         t.bad("pin", "a PIN never goes in a config file: name a pin_file, or use the systemd credential hsm-pin")
     module = t.path("pkcs11_module")
     pin_file = t.path("pin_file")
     keystore = t.path("keystore")
+    ingest = _ingest_files(t)
+    if ingest and (module or pin_file):
+        t.bad("ingest", "an ingest mount uses no HSM: drop pkcs11_module and pin_file from this [keys] table")
+    names = t.path("ingest_names")
+    if names is not None and not ingest:
+        t.bad("ingest_names", "only an ingest mount (ingest = [...]) takes a names-key file")
     return KeysSection(
-        str(module) if module else None, str(pin_file) if pin_file else None, str(keystore) if keystore else None
+        str(module) if module else None,
+        str(pin_file) if pin_file else None,
+        str(keystore) if keystore else None,
+        ingest,
+        names,
     )
+
+
+def _ingest_files(t: _Table) -> tuple[Path, ...]:
+    raw = t.get("ingest", list, 'a list of recipient public files, e.g. ["/etc/vcfs/recorder.pub"]') or []
+    out = []
+    for item in raw:
+        if not isinstance(item, str) or not item.startswith("/"):
+            t.bad("ingest", f"{item!r} is not an absolute path")
+            continue
+        out.append(Path(item))
+    return tuple(out)
 
 
 def parse_listen(value: str) -> tuple[str, int] | None:

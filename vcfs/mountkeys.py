@@ -12,8 +12,10 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol, cast
 
-from vcfs.config import config_path, load_config
+from vcfs.config import StoreConfig, config_path, load_config
+from vcfs.core.header import WRAP_XWING_KWP
 from vcfs.cryptfile import SEAL_BUDGET, CryptFile
 from vcfs.domainmap import DomainMap
 from vcfs.keys.base import STATE_DESTROYED, KeyRef, Wrapped
@@ -27,11 +29,23 @@ log = logging.getLogger("vcfs.keys")
 RECOVER_EVERY = 2.0  # seconds between attempts to reach a token that went away
 
 
+class MountProvider(Protocol):
+    """What the mount needs of a key provider: the PKCS#11 one, or an ingest mount's (vcfs/ingest.py)."""
+
+    def current(self, domain: str) -> KeyRef: ...
+    def wrap(self, ref: KeyRef, dek: bytes | bytearray) -> Wrapped: ...
+    def unwrap(self, wrapped: Wrapped) -> bytearray: ...
+    def load_for(self, wrapped: Wrapped) -> None: ...
+    def is_down(self, domain: str) -> bool: ...
+    def domains(self) -> list[str]: ...
+    def recover(self) -> list[str]: ...
+
+
 class MountKeys:
     def __init__(
         self,
         backing: Path,
-        provider: Pkcs11Provider,
+        provider: MountProvider,
         opts: HostKeyOptions,
         dek_cache_ttl: float = DEFAULT_TTL,
         seal_budget: int = SEAL_BUDGET,
@@ -67,17 +81,25 @@ class MountKeys:
         if stamps == self._watched:
             return
         cfg = load_config(self.backing)
-        refresh_provider(self.provider, cfg, self._opts)
+        self.take_in(cfg)
         self.domains = cfg.domain_map()
-        for d in cfg.domains.values():
-            for k in d.keks:
-                ref = KeyRef(d.name, k.version)
-                if self.provider.state(ref) == STATE_DESTROYED:
-                    self.cache.drop_kek(ref)
         self._watched = stamps
         log.info(
             "keys changed: new files use %s", ", ".join(str(self.provider.current(d)) for d in self.provider.domains())
         )
+
+    def take_in(self, cfg: StoreConfig) -> None:
+        """Bring the provider up to date with an edited config or keystore; forget destroyed keys' DEKs."""
+        provider = cast(Pkcs11Provider, self.provider)
+        refresh_provider(provider, cfg, self._opts)
+        for d in cfg.domains.values():
+            for k in d.keks:
+                ref = KeyRef(d.name, k.version)
+                if provider.state(ref) == STATE_DESTROYED:
+                    self.cache.drop_kek(ref)
+        for r in provider.recipients.known():
+            if r.state == STATE_DESTROYED:
+                self.cache.drop_kek(r.ref, WRAP_XWING_KWP)
 
     # ---- per file ------------------------------------------------------------------------
 
@@ -90,8 +112,8 @@ class MountKeys:
         return lambda dek: self.provider.wrap(ref, dek)
 
     def unwrap(self, wrapped: Wrapped) -> bytearray:
-        """For opens: the token must be reachable and the KEK not destroyed, cache or not."""
-        self.provider.load(wrapped.ref)
+        """For opens: the token must be reachable and the KEK (or recipient) not destroyed, cache or not."""
+        self.provider.load_for(wrapped)
         return self.cache.unwrap(wrapped)
 
     def opened(self, cf: CryptFile) -> None:

@@ -69,6 +69,7 @@ class MountState:
         self._cfg_stamp = -1
         self._cfg_lock = threading.Lock()
         self.exports: dict[str, str] = {}  # where metrics go: {"listen": "127.0.0.1:9477", ...}
+        self.ingest: list[str] = []  # an ingest mount: the recipients new files go to ("default/r1")
 
     def close(self) -> None:
         self._unsubscribe()
@@ -126,6 +127,7 @@ class MountState:
                 "default_domain": cfg.default_domain if cfg is not None else None,
                 "domains": domains,
                 "in_use": hsm.kek_use,
+                "ingest": list(self.ingest) or None,
             },
             "open_files": self._open_files(),
             **totals,

@@ -43,6 +43,14 @@ def name_layer(cfg: StoreConfig, provider: KeyProvider, skip: Callable[[str], bo
     those of domains ``skip`` names (a token that is down at mount): those are unwrapped on
     first use, and their directories answer EIO until the token is back.
     """
+    return names_from_secrets(cfg, lambda d: unwrap_names_secret(provider, d, cfg.names_keys[d]), skip)
+
+
+def names_from_secrets(
+    cfg: StoreConfig, secret_of: Callable[[str], bytes], skip: Callable[[str], bool] = lambda _d: False
+) -> NameLayer:
+    """The name layer over names secrets from ``secret_of(domain)``: unwrapped by the HSM, or (an
+    ingest mount, which has no HSM) read from the names-key file it was given (vcfs/ingestnames.py)."""
     if not cfg.encrypted_names:
         return PlainNames()
     codecs: dict[str, NameCodec] = {}
@@ -52,8 +60,7 @@ def name_layer(cfg: StoreConfig, provider: KeyProvider, skip: Callable[[str], bo
         with lock:
             found = codecs.get(domain)
             if found is None:
-                secret = unwrap_names_secret(provider, domain, cfg.names_keys[domain])
-                found = codecs[domain] = NameCodec(NamesKey(secret))
+                found = codecs[domain] = NameCodec(NamesKey(secret_of(domain)))
             return found
 
     for d in cfg.names_keys:

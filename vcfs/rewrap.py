@@ -15,6 +15,13 @@ Resumable: a rerun authenticates each header and skips files already under the t
 Concurrency with a mount: files open in the daemon hold a shared flock; rewrap needs the
 exclusive one, skips them and reports them busy (run it again later).
 
+Adoption (``vcfs keys adopt``) is the same walk over files an ingest host wrapped to a
+recipient (wrap algorithm 2): each DEK is unwrapped through the recipient key (whose seed the
+HSM unwraps once per run) and wrapped under the domain's current KEK into the inactive slot;
+once that is synced, the recipient's slot is erased, so the file from then on opens only under
+the KEK and every KEK lifecycle operation applies to it. A plain rewrap leaves such files alone
+and counts them (``ingest``).
+
 Speed: the HSM's work per header is the floor: one unwrap and one wrap. vcfs makes them in
 one trip (the unwrapped DEK object is wrapped under the new KEK directly, four token calls
 instead of six) and keeps the rest to one header read, one HMAC check, one HMAC and one
@@ -35,7 +42,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from vcfs.config import StoreConfig, load_config
-from vcfs.core.header import Header, slot_offset
+from vcfs.core.header import WRAP_PKCS11_AES_KWP, WRAP_XWING_KWP, Header, slot_offset
 from vcfs.cryptfile import erase_other_slot, lock_header, rewrap_header, seal_rewrapped_slot
 from vcfs.errors import HeaderAuthError, UsageError, VcfsError
 from vcfs.keyops import domain_of
@@ -44,6 +51,7 @@ from vcfs.keys.provider import Pkcs11Provider
 from vcfs.keys.setup import HostKeyOptions, open_provider
 from vcfs.namekeys import name_layer, rewrap_names_key
 from vcfs.namepaths import walk
+from vcfs.recipientkeys import rewrap_seeds
 from vcfs.store import pwrite_all, sync_filesystem
 from vcfs.storelayout import tree_path
 
@@ -56,10 +64,12 @@ class RewrapReport:
     moved: int = 0  # of those, files moved to another key domain
     already: int = 0
     skipped: int = 0  # not in the requested domain or version
+    ingest: int = 0  # rewrap: files wrapped to a recipient, left for vcfs keys adopt
     busy: list[str] = field(default_factory=list)
     failed: list[dict[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     names_key_rewrapped: list[str] = field(default_factory=list)  # domains whose names key moved to the current KEK
+    recipient_keys_rewrapped: list[str] = field(default_factory=list)  # recipients whose seed moved ("default/r1")
 
     @property
     def exit_code(self) -> int:
@@ -67,7 +77,7 @@ class RewrapReport:
 
     @property
     def total(self) -> int:
-        return self.rewrapped + self.already + self.skipped + len(self.busy) + len(self.failed)
+        return self.rewrapped + self.already + self.skipped + self.ingest + len(self.busy) + len(self.failed)
 
     def add(self, rel: str, outcome: _Outcome) -> None:
         if outcome.status == "busy":
@@ -76,6 +86,8 @@ class RewrapReport:
             self.failed.append({"path": rel, "error": outcome.error})
         elif outcome.status == "skipped":
             self.skipped += 1
+        elif outcome.status == "ingest":
+            self.ingest += 1
         elif outcome.status == "already":
             self.already += 1
         else:
@@ -83,7 +95,7 @@ class RewrapReport:
             self.moved += outcome.status == "moved"
 
     def merge(self, part: RewrapReport) -> None:
-        for name in ("rewrapped", "moved", "already", "skipped"):
+        for name in ("rewrapped", "moved", "already", "skipped", "ingest"):
             setattr(self, name, getattr(self, name) + getattr(part, name))
         self.busy += part.busy
         self.failed += part.failed
@@ -99,12 +111,15 @@ def rewrap(
     opts: HostKeyOptions,
     progress: Callable[[int, int], None] | None = None,
     jobs: int = 1,
+    adopt: bool = False,
+    subpath: str | None = None,
 ) -> RewrapReport:
     """Rewrap every header (of ``domain_name``, or of every domain) under the current KEK.
 
     ``jobs`` > 1 spreads the files over that many worker processes, each with its own PKCS#11
     session (one thread per process still talks to the token): the way to keep a slow or
-    remote HSM busy, which a single session leaves idle between calls.
+    remote HSM busy, which a single session leaves idle between calls. With ``adopt``, only the
+    files wrapped to a recipient (under ``subpath``, a plaintext path, if given) are moved.
     """
     cfg = load_config(backing)
     if domain_name is not None:
@@ -115,13 +130,15 @@ def rewrap(
         raise UsageError("--jobs must be at least 1")
     tree = tree_path(backing)
     report = RewrapReport()
-    if cfg.encrypted_names:
-        report.names_key_rewrapped = _rewrap_names_keys(backing, cfg, opts, domain_name)
-    files = _data_files(backing, cfg, opts)
+    if not adopt:
+        report.names_key_rewrapped, report.recipient_keys_rewrapped = _rewrap_store_keys(
+            backing, cfg, opts, domain_name
+        )
+    files = _under(_data_files(backing, cfg, opts), subpath)
     started = time.monotonic()
     tree_fd = os.open(tree, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        job = _Job(backing, opts, domain_name, from_version)
+        job = _Job(backing, opts, domain_name, from_version, adopt)
         if jobs == 1:
             job.start()
             try:
@@ -140,8 +157,11 @@ def rewrap(
 class _Job:
     """One process's share of a rewrap: its own provider (session) and the store's domain map."""
 
-    def __init__(self, backing: Path, opts: HostKeyOptions, domain: str | None, from_version: int | None) -> None:
+    def __init__(
+        self, backing: Path, opts: HostKeyOptions, domain: str | None, from_version: int | None, adopt: bool = False
+    ) -> None:
         self.backing, self.opts, self.domain, self.from_version = backing, opts, domain, from_version
+        self.adopt = adopt
         self.root = str(tree_path(backing))
         self.provider: Pkcs11Provider | None = None
 
@@ -159,7 +179,7 @@ class _Job:
         assert self.provider is not None
         part = RewrapReport()
         for path, plain in paths:
-            outcome = _one(self.provider, path, self.dmap.domain_of(plain), self.domain, self.from_version)
+            outcome = _one(self.provider, path, self.dmap.domain_of(plain), self.domain, self.from_version, self.adopt)
             part.add(plain.lstrip("/"), outcome)
         return part
 
@@ -221,7 +241,12 @@ class _Outcome:
 
 
 def _one(
-    provider: Pkcs11Provider, path: str, path_domain: str, domain: str | None, from_version: int | None
+    provider: Pkcs11Provider,
+    path: str,
+    path_domain: str,
+    domain: str | None,
+    from_version: int | None,
+    adopt: bool = False,
 ) -> _Outcome:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
@@ -229,14 +254,18 @@ def _one(
         return _Outcome("failed", exc.strerror or "open failed")
     try:
         header = lock_header(fd)
+        ingest = header.candidates()[0][1].wrap_alg == WRAP_XWING_KWP
+        if ingest != adopt:  # rewrap leaves recipient-wrapped files to adopt, adopt leaves the others
+            return _Outcome("ingest" if ingest else "already")
         if not _wanted(header, domain, path_domain, from_version):
             return _Outcome("skipped")
         target = provider.current(path_domain)
         old, active, other = _rewrap_fd(provider, fd, path, header, target)
-        if other not in (None, target.domain):
-            os.fdatasync(fd)  # the new slot is durable before the old domain's goes
+        if other not in (None, target.domain) or ingest:
+            # the new slot is durable before the old domain's, or the recipient's, wrapping goes
+            os.fdatasync(fd)
             erase_other_slot(fd, active)
-        if old == target:
+        if old == target and not ingest:
             return _Outcome("already")
         return _Outcome("moved" if old.domain != target.domain else "rewrapped")
     except BlockingIOError:
@@ -247,14 +276,31 @@ def _one(
         os.close(fd)
 
 
-def _rewrap_names_keys(backing: Path, cfg: StoreConfig, opts: HostKeyOptions, domain: str | None) -> list[str]:
-    """Move the names key of ``domain`` (or of every domain) to its current KEK, like a header."""
+def _rewrap_store_keys(
+    backing: Path, cfg: StoreConfig, opts: HostKeyOptions, domain: str | None
+) -> tuple[list[str], list[str]]:
+    """Move the names keys and recipient seeds of ``domain`` (or of every domain) to its current KEK,
+    like a header: (domains whose names key moved, recipients whose seed moved)."""
     provider = open_provider(cfg, opts)
     try:
         wanted = [domain] if domain is not None else list(cfg.domains)
-        return [d for d in wanted if not provider.is_down(d) and rewrap_names_key(backing, provider, d)]
+        names = []
+        if cfg.encrypted_names:
+            names = [d for d in wanted if not provider.is_down(d) and rewrap_names_key(backing, provider, d)]
+        return names, rewrap_seeds(cfg, provider, opts, domain)
     finally:
         provider.close()
+
+
+def _under(files: list[tuple[str, str]], subpath: str | None) -> list[tuple[str, str]]:
+    """The files at or below plaintext path ``subpath`` (all without one)."""
+    if not subpath or subpath.strip("/") == "":
+        return files
+    prefix = "/" + "/".join(p for p in subpath.split("/") if p and p != ".")
+    found = [(b, p) for b, p in files if p == prefix or p.startswith(prefix + "/")]
+    if not found:
+        raise UsageError(f"no file at or below {prefix} in this store")
+    return found
 
 
 def _data_files(backing: Path, cfg: StoreConfig, opts: HostKeyOptions) -> list[tuple[str, str]]:
@@ -315,7 +361,7 @@ def _rewrap_fd(
     other = header.slots[1 - index]
     wrapped = Wrapped(old, slot.wrap_alg, slot.wrapped)
     try:
-        if old == target:
+        if old == target and slot.wrap_alg == WRAP_PKCS11_AES_KWP:  # under 2, the "version" is a recipient's
             if seal_rewrapped_slot(header, index, provider.unwrap(wrapped), None) is None:
                 return old, index, other.domain if other is not None else None
         else:

@@ -31,6 +31,8 @@ def render_status(st: dict[str, Any]) -> str:
         + ", ".join(f"v{v['version']} {v['state']}" for v in d["versions"])
         for d in keys["domains"]
     )
+    if keys.get("ingest"):  # an ingest mount wraps to recipients, never under these KEKs
+        domains = "ingest only, no HSM: new files to recipient " + ", ".join(keys["ingest"])
     in_use = "; ".join(
         f"{kek}: " + ", ".join(f"{n} {op}" for op, n in sorted(ops.items()))
         for kek, ops in sorted(keys["in_use"].items())

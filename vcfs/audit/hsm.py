@@ -48,6 +48,8 @@ class Anchor:
 class AuditKey:
     """One token session's view of the audit key; safe to call from any thread (the pkcs11 lock)."""
 
+    keyed = True  # checkpoints carry an HSM MAC and move an HSM anchor
+
     def __init__(self, session: Callable[[], Any], label: str, create: bool) -> None:
         self._session = session
         self.label = label
@@ -89,6 +91,36 @@ class AuditKey:
 
     def set_anchor(self, anchor: Anchor) -> None:
         audit_anchor_write(self._session(), _anchor_label(anchor.log_id), anchor.to_bytes())
+
+
+class ChainOnlyKey(AuditKey):
+    """The audit "key" of a mount without an HSM (an ingest host, docs/AUDIT.md).
+
+    Records are hash-chained as always, and checkpoints are still written (rotation and the
+    final checkpoint at unmount keep their meaning), but they carry no MAC and there is no anchor:
+    anyone who can write the log can rebuild the chain. Forward the log off the host
+    (``[audit] forward``) for records the ingest host cannot rewrite; verify with ``--no-hsm``.
+    """
+
+    keyed = False
+
+    def __init__(self) -> None:  # no token, no session
+        self.label = ""
+
+    def mac(self, data: bytes) -> bytes:
+        return b""
+
+    def check(self, data: bytes, mac: bytes) -> bool:
+        return False
+
+    def name(self, component: str) -> str:
+        raise KeyProviderError("hashed names in the audit log need the HSM's audit key")
+
+    def anchor(self, log_id: str) -> Anchor | None:
+        return None
+
+    def set_anchor(self, anchor: Anchor) -> None:
+        return None
 
 
 def _anchor_label(log_id: str) -> str:

@@ -220,6 +220,9 @@ class AuditLog:
         return resume
 
     def _check_anchor(self, rec: dict[str, Any], path: Path, first_seq: int, last_seq: int) -> None:
+        if not self.key.keyed:  # a mount without an HSM keeps no anchor
+            rec["anchor"] = "none"
+            return
         anchor = self.key.anchor(self.log_id)
         if anchor is None:
             rec["anchor"] = "missing"
@@ -263,6 +266,8 @@ class AuditLog:
 
     def load_state(self, name: str) -> Any:
         path = self.dir / f"{name}{STATE_SUFFIX}"
+        if not self.key.keyed:  # state that cannot be authenticated is not kept
+            return None
         try:
             doc = json.loads(path.read_bytes())
             payload = canonical({"log_id": doc["log_id"], "data": doc["data"]})
@@ -371,7 +376,7 @@ class AuditLog:
         rec = {"event": "checkpoint", "log_id": self.log_id, "key": self.key.label, "final": final}
         seq = self._seq
         try:
-            line = self._chain(rec, sign=True)  # raises before it advances the chain
+            line = self._chain(rec, sign=self.key.keyed)  # raises before it advances the chain
         except KeyProviderError as exc:  # the HSM is unavailable: go on chaining, retry in a while
             log.error("audit: checkpoint failed: %s", exc.message)
             self._cp_blocked_until = self._clock() + CHECKPOINT_RETRY_SECONDS
@@ -467,6 +472,8 @@ class AuditLog:
         self._flush()
 
     def _write_state(self, name: str, data: Any) -> None:
+        if not self.key.keyed:
+            return
         payload = canonical({"log_id": self.log_id, "data": data})
         try:
             mac = self.key.mac(STATE_PREFIX + payload).hex()

@@ -23,7 +23,11 @@ VERSION = 1
 CIPHER_AES256GCM_R96 = 1  # AES-256-GCM, random 96-bit nonce per block, 128-bit tag
 KDF_HKDF_SHA256 = 1
 WRAP_PKCS11_AES_KWP = 1  # RFC 5649 AES key wrap with padding, done by a PKCS#11 token
-KNOWN_WRAPS = {WRAP_PKCS11_AES_KWP: "PKCS#11 AES key wrap with padding (RFC 5649)"}
+WRAP_XWING_KWP = 2  # hybrid KEM (X-Wing) to recipient N, then RFC 5649 (vcfs/core/kemwrap.py)
+KNOWN_WRAPS = {
+    WRAP_PKCS11_AES_KWP: "PKCS#11 AES key wrap with padding (RFC 5649)",
+    WRAP_XWING_KWP: "X-Wing hybrid KEM to a recipient key, then RFC 5649",
+}
 
 SLOT_COUNT = 2
 PREAMBLE_LEN = 64

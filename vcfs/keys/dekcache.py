@@ -87,9 +87,10 @@ class DekCache:
                 wipe(self._entries.pop(k).dek)
         return len(gone)
 
-    def drop_kek(self, ref: KeyRef) -> None:
+    def drop_kek(self, ref: KeyRef, wrap_alg: int = 1) -> None:
+        """Forget every DEK wrapped under KEK ``ref`` (or, with wrap algorithm 2, to recipient ``ref``)."""
         with self._lock:
-            for k in [k for k in self._entries if k[0] == ref]:
+            for k in [k for k in self._entries if k[0] == ref and k[1] == wrap_alg]:
                 wipe(self._entries.pop(k).dek)
 
     def clear(self) -> None:

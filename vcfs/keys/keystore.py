@@ -30,9 +30,14 @@ import tomli_w
 from vcfs.errors import ConfigError
 from vcfs.keys import embedded
 from vcfs.keys.base import STATE_ACTIVE, STATE_DESTROYED
+from vcfs.keys.recipients import WrappedSeed, load_keystore_seeds
 from vcfs.store import replace_file
 
 KEYSTORE_FORMAT = 1
+# Written once a domain has recipient keys (their wrapped seeds): a vcfs that knows only format 1
+# refuses the file instead of rewriting it without them, which would shred every recipient.
+KEYSTORE_FORMAT_RECIPIENTS = 2
+READABLE_KEYSTORE_FORMATS = (KEYSTORE_FORMAT, KEYSTORE_FORMAT_RECIPIENTS)
 KEYSTORE_DIRNAME = "keystores"
 
 
@@ -63,6 +68,7 @@ class DomainKeys:
     master_current: int = 0
     masters: list[MasterEntry] = field(default_factory=list)
     keks: dict[int, WrappedKek] = field(default_factory=dict)
+    recipients: dict[int, WrappedSeed] = field(default_factory=dict)  # ingest recipients' wrapped seeds
 
     def master(self, version: int) -> MasterEntry | None:
         return next((m for m in self.masters if m.version == version), None)
@@ -98,7 +104,7 @@ def load_keystore(path: Path, store_id: str) -> Keystore:
         return Keystore(path, store_id)
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"keystore {path} is corrupt: {exc}") from None
-    if raw.get("format") != KEYSTORE_FORMAT:
+    if raw.get("format") not in READABLE_KEYSTORE_FORMATS:
         raise ConfigError(f"keystore {path}: format {raw.get('format')!r} is not supported")
     if raw.get("store_id") != store_id:
         raise ConfigError(
@@ -120,6 +126,7 @@ def load_keystore(path: Path, store_id: str) -> Keystore:
                     )
                     for k in d.get("kek", [])
                 },
+                load_keystore_seeds(d, f"keystore {path}: domains.{name}."),
             )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ConfigError(f"keystore {path} is malformed ({type(exc).__name__}: {exc})") from None
@@ -128,8 +135,9 @@ def load_keystore(path: Path, store_id: str) -> Keystore:
 
 def save_keystore(ks: Keystore) -> None:
     ks.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    seeds = any(d.recipients for d in ks.domains.values())
     doc: dict[str, Any] = {
-        "format": KEYSTORE_FORMAT,
+        "format": KEYSTORE_FORMAT_RECIPIENTS if seeds else KEYSTORE_FORMAT,
         "store_id": ks.store_id,
         "domains": {
             name: {
@@ -154,6 +162,7 @@ def save_keystore(ks: Keystore) -> None:
                     }
                     for k in sorted(d.keks.values(), key=lambda k: k.version)
                 ],
+                **({"recipient": [r.to_toml() for _v, r in sorted(d.recipients.items())]} if d.recipients else {}),
             }
             for name, d in ks.domains.items()
         },

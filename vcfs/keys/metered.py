@@ -12,8 +12,10 @@ import time
 from typing import Any
 
 from vcfs import counters
+from vcfs.core.header import WRAP_XWING_KWP
 from vcfs.errors import HeaderAuthError, VcfsError
 from vcfs.keys.base import KeyProvider, KeyRef, Wrapped
+from vcfs.keys.recipients import recipient_name
 
 
 class MeteredProvider:
@@ -40,12 +42,14 @@ class MeteredProvider:
     def unwrap(self, wrapped: Wrapped) -> bytes | bytearray:
         counters.hsm_begin()
         start = time.monotonic()
+        # wrap algorithm 2: the "version" is a recipient's (one HSM unwrap of its seed, then X-Wing)
+        name = recipient_name(wrapped.ref) if wrapped.wrap_alg == WRAP_XWING_KWP else str(wrapped.ref)
         try:
             out = self.inner.unwrap(wrapped)
         except BaseException as exc:
-            counters.hsm_end("unwrap", str(wrapped.ref), time.monotonic() - start, _hsm_error(exc))
+            counters.hsm_end("unwrap", name, time.monotonic() - start, _hsm_error(exc))
             raise
-        counters.hsm_end("unwrap", str(wrapped.ref), time.monotonic() - start)
+        counters.hsm_end("unwrap", name, time.monotonic() - start)
         return out
 
     def close(self) -> None:

@@ -32,10 +32,11 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from vcfs import events
-from vcfs.core.header import WRAP_PKCS11_AES_KWP
+from vcfs.core.header import WRAP_PKCS11_AES_KWP, WRAP_XWING_KWP
 from vcfs.errors import HsmUnavailableError, KeyDestroyedError, KeyProviderError
 from vcfs.keys import pkcs11 as p11
 from vcfs.keys.base import STATE_ACTIVE, STATE_DESTROYED, KeyRef, Wrapped
+from vcfs.keys.recipient import RecipientKeyring
 from vcfs.keys.uri import Pkcs11Uri
 
 log = logging.getLogger("vcfs.keys")
@@ -106,6 +107,9 @@ class Pkcs11Provider:
         self._loaded: dict[KeyRef, tuple[Any, int]] = {}  # key object, link epoch it belongs to
         self._masters: dict[tuple[str, int], tuple[Any, int]] = {}
         self._down: dict[str, str] = {}  # domain -> why
+        # Wrap algorithm 2 (DEKs wrapped to a recipient by ingest hosts): the recipients' seeds are
+        # wrapped under this provider's KEKs; vcfs/keys/setup.py fills it from config and keystore.
+        self.recipients = RecipientKeyring(self._unwrap_kek)
         try:
             self.sync(domains)
         except BaseException:
@@ -333,6 +337,22 @@ class Pkcs11Provider:
         return Wrapped(ref, WRAP_PKCS11_AES_KWP, blob)
 
     def unwrap(self, wrapped: Wrapped) -> bytearray:
+        """Dispatches on the wrap algorithm: 1 = under a KEK in the HSM, 2 = to a recipient whose
+        seed a KEK wraps (one HSM unwrap for the seed, then X-Wing in this process)."""
+        if wrapped.wrap_alg == WRAP_XWING_KWP:
+            dek = self.recipients.unwrap(wrapped)
+            events.emit(events.KEY_UNWRAP, domain=wrapped.ref.domain, version=wrapped.ref.version, tier="recipient")
+            return dek
+        return self._unwrap_kek(wrapped)
+
+    def load_for(self, wrapped: Wrapped) -> None:
+        """Fail now (destroyed, unknown, HSM away) if ``wrapped`` cannot be opened, cache or not."""
+        if wrapped.wrap_alg == WRAP_XWING_KWP:
+            self.load(self.recipients.seed_wrapping(wrapped.ref).ref)
+        else:
+            self.load(wrapped.ref)
+
+    def _unwrap_kek(self, wrapped: Wrapped) -> bytearray:
         if wrapped.wrap_alg != WRAP_PKCS11_AES_KWP:
             raise KeyProviderError(f"wrap algorithm {wrapped.wrap_alg} is not handled by the PKCS#11 provider")
         if self.state(wrapped.ref) == STATE_DESTROYED:
@@ -349,10 +369,11 @@ class Pkcs11Provider:
     def rewrap(self, wrapped: Wrapped, target: KeyRef) -> tuple[bytearray, Wrapped]:
         """The DEK of ``wrapped`` and its wrapping under ``target``, in one trip through the token.
 
-        Both KEKs must be in one token (a rewrap within a domain); across tokens, unwrap and wrap.
+        Both KEKs must be in one token (a rewrap within a domain); across tokens, and from a
+        recipient (``vcfs keys adopt``), unwrap and wrap.
         """
         self._check_wrap_target(target)
-        if self._link(wrapped.ref.domain) is not self._link(target.domain):
+        if wrapped.wrap_alg == WRAP_XWING_KWP or self._link(wrapped.ref.domain) is not self._link(target.domain):
             dek = self.unwrap(wrapped)
             return dek, self.wrap(target, dek)
 
@@ -381,3 +402,4 @@ class Pkcs11Provider:
                 link.drop()
             self._loaded.clear()
             self._masters.clear()
+        self.recipients.close()

@@ -28,6 +28,7 @@ from vcfs.keys.pkcs11 import (
     reinitialize,
 )
 from vcfs.keys.provider import DomainSpec, KekSpec, Pkcs11Provider
+from vcfs.keys.recipient import RecipientKeyring, RecipientSpec
 from vcfs.keys.uri import Pkcs11Uri, parse_pkcs11_uri
 
 
@@ -129,11 +130,34 @@ def _specs(cfg: StoreConfig, ks: Keystore, opts: HostKeyOptions) -> list[DomainS
     return [domain_spec(d, ks, opts) for d in cfg.domains.values()]
 
 
-def open_provider(cfg: StoreConfig, opts: HostKeyOptions, probe: bool = False) -> Pkcs11Provider:
+def recipient_specs(cfg: StoreConfig, ks: Keystore) -> list[RecipientSpec]:
+    """Every recipient version of the store: the config's fingerprint and state, the keystore's wrapped
+    seed. Destroyed in either place means destroyed (the keystore's tombstone wins, as for KEKs)."""
+    out = []
+    for d in cfg.domains.values():
+        seeds = ks.domains[d.name].recipients if d.name in ks.domains else {}
+        for r in d.recipients:
+            seed = seeds.get(r.version)
+            destroyed = r.state == STATE_DESTROYED or (seed is not None and seed.state == STATE_DESTROYED)
+            wrapped = None
+            if seed is not None and seed.blob and not destroyed:
+                wrapped = Wrapped(KeyRef(d.name, seed.kek_version), WRAP_PKCS11_AES_KWP, seed.blob)
+            out.append(
+                RecipientSpec(
+                    KeyRef(d.name, r.version), r.fingerprint, STATE_DESTROYED if destroyed else r.state, wrapped
+                )
+            )
+    return out
+
+
+def open_provider(
+    cfg: StoreConfig, opts: HostKeyOptions, probe: bool = False, keep_recipient_keys: bool = True
+) -> Pkcs11Provider:
     """Log in to every domain's token and load its KEKs; fails with a KeyProviderError naming the cause.
 
     Every domain's current KEK must load and match its check value. Older versions that cannot
-    be found are tolerated: they matter only to the files still wrapped under them.
+    be found are tolerated: they matter only to the files still wrapped under them. Recipient
+    keys are opened on first use (``keep_recipient_keys``: see vcfs/keys/recipient.py).
     """
     _activate_embedded(cfg)
     ks = store_keystore(cfg, opts)
@@ -144,6 +168,8 @@ def open_provider(cfg: StoreConfig, opts: HostKeyOptions, probe: bool = False) -
                 hint="KEKs of this store are kept outside it: restore the keystore, or point --keystore at it",
             )
     provider = Pkcs11Provider(_specs(cfg, ks, opts), probe=probe)
+    provider.recipients = RecipientKeyring(provider.unwrap, keep=keep_recipient_keys)
+    provider.recipients.sync(recipient_specs(cfg, ks))
     try:
         _load_and_verify(provider, cfg, ks)
     except BaseException:
@@ -183,6 +209,7 @@ def refresh_provider(provider: Pkcs11Provider, cfg: StoreConfig, opts: HostKeyOp
     """Bring a running provider up to date with an edited config or keystore (rotate, destroy, domain add)."""
     ks = store_keystore(cfg, opts)
     provider.sync(_specs(cfg, ks, opts))
+    provider.recipients.sync(recipient_specs(cfg, ks))
     for d in cfg.domains.values():
         current = next(k for k in d.keks if k.version == d.current)
         ref = KeyRef(d.name, d.current)
