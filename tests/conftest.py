@@ -104,6 +104,15 @@ class Mounted:
     def umount(self) -> None:
         run_vcfs("umount", str(self.mnt))
 
+    def cleanup(self) -> None:
+        """End of a fixture: unmount if still mounted; a failed unmount is forced, then re-raised."""
+        if is_mounted(self.mnt):
+            try:
+                self.umount()
+            except AssertionError:
+                force_unmount(self.mnt)
+                raise
+
     def mount(self) -> None:
         run_vcfs("mount", str(self.backing), str(self.mnt))
 
@@ -136,12 +145,7 @@ def mounted(store: Path, tmp_path: Path) -> Iterator[Mounted]:
     try:
         yield m
     finally:
-        if is_mounted(mnt):
-            try:
-                m.umount()
-            except AssertionError:
-                force_unmount(mnt)
-                raise
+        m.cleanup()
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 from audit_helpers import lines, verify, wait_for
-from conftest import Mounted, force_unmount, is_mounted, require, run_vcfs
+from conftest import Mounted, is_mounted, require, run_vcfs
 
 from vcfs.core.layout import block_no_to_cipher_off
 from vcfs.runpaths import pid_file
@@ -66,12 +66,7 @@ def guarded(store: Path, tmp_path: Path) -> Iterator[Guarded]:
     try:
         yield m
     finally:
-        if is_mounted(mnt):
-            try:
-                m.umount()
-            except AssertionError:
-                force_unmount(mnt)
-                raise
+        m.cleanup()
 
 
 def as_user(uid: int, *cmd: str | Path) -> subprocess.CompletedProcess[str]:

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Mounted, force_unmount, is_mounted, require, run_vcfs
+from conftest import Mounted, require, run_vcfs
 
 from vcfs.core.header import parse_header
 from vcfs.core.layout import HEADER_LEN
@@ -71,12 +71,7 @@ def regions(store: Path, tmp_path: Path) -> Iterator[Mounted]:
     try:
         yield m
     finally:
-        if is_mounted(mnt):
-            try:
-                m.umount()
-            except AssertionError:
-                force_unmount(mnt)
-                raise
+        m.cleanup()
 
 
 def test_each_region_decrypts_only_with_its_own_token(regions: Mounted, vcfs_home: Path, tmp_path: Path) -> None:

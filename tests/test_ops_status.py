@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Mounted, force_unmount, is_mounted, require, run_vcfs
+from conftest import Mounted, is_mounted, require, run_vcfs
 from opsutil import pattern, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -50,12 +50,7 @@ def configured(store: Path, tmp_path: Path) -> Iterator[tuple[Mounted, int, Path
     try:
         yield m, port, prom
     finally:
-        if is_mounted(mnt):
-            try:
-                m.umount()
-            except AssertionError:
-                force_unmount(mnt)
-                raise
+        m.cleanup()
 
 
 def _status(mnt: Path) -> dict:

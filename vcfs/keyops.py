@@ -214,16 +214,19 @@ def rotate(backing: Path, domain_name: str, opts: HostKeyOptions) -> int:
     return version
 
 
+def _not_current(backing: Path, domain: DomainConfig, version: int) -> None:
+    """Refuse to retire or destroy the version new files are wrapped under."""
+    if version == domain.current:
+        raise UsageError(f"KEK {domain.name}/v{version} is current", hint=f"vcfs keys rotate {backing} {domain.name}")
+
+
 def retire(backing: Path, domain_name: str, version: int, opts: HostKeyOptions) -> None:
     cfg = load_config(backing)
     with _lock(cfg, opts):
         cfg = load_config(backing)
         domain = domain_of(cfg, domain_name)
         entry = _entry(domain, version)
-        if version == domain.current:
-            raise UsageError(
-                f"KEK {domain.name}/v{version} is current", hint=f"vcfs keys rotate {backing} {domain.name}"
-            )
+        _not_current(backing, domain, version)
         if entry.state == STATE_DESTROYED or store_keystore(cfg, opts).destroyed(domain.name, version):
             raise UsageError(f"KEK {domain.name}/v{version} is already destroyed")
         _replace_entry(domain, replace(entry, state=STATE_RETIRED, changed=utc_now()))
@@ -243,10 +246,7 @@ def destroy(backing: Path, domain_name: str, version: int, force: bool, opts: Ho
         cfg = load_config(backing)
         domain = domain_of(cfg, domain_name)
         entry = _entry(domain, version)
-        if version == domain.current:
-            raise UsageError(
-                f"KEK {domain.name}/v{version} is current", hint=f"vcfs keys rotate {backing} {domain.name}"
-            )
+        _not_current(backing, domain, version)
         names = names_keys_under(cfg, KeyRef(domain.name, version))
         if names:  # never, not even with --force: it would shred every name of the domain at once
             raise UsageError(

@@ -136,13 +136,7 @@ def shred(path: Path, opts: HostKeyOptions | None = None) -> ShredReport:
             if os.path.islink(d):
                 os.unlink(d)
                 report.removed += 1
-        target = visible / rel
-        try:
-            os.rmdir(target)
-            report.removed += 1
-        except OSError as exc:
-            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                report.failed.append({"path": str(target), "error": exc.strerror or "rmdir failed"})
+        _rmdir(visible / rel, report)
     return report
 
 

@@ -334,24 +334,24 @@ def wrap_dek(session: Any, kek: Any, dek: bytes | bytearray, mechanism: int, nam
             raise KeyProviderError(f"HSM refused to wrap under KEK {name}: {type(exc).__name__}") from None
 
 
+def _unwrap_object(kek: Any, blob: bytes, mechanism: int, name: str) -> Any:
+    """C_UnwrapKey of a DEK into a short-lived session object (caller holds _LOCK, destroys it)."""
+    try:
+        return kek.unwrap_key(
+            ObjectClass.SECRET_KEY, KeyType.AES, blob, mechanism=_mech(mechanism), store=False, template=_DEK_TEMPLATE
+        )
+    except p11e.PKCS11Error as exc:
+        if is_gone(exc):
+            raise unavailable(f"cannot unwrap under KEK {name}", exc) from None
+        raise HeaderAuthError(f"the DEK does not unwrap under KEK {name}: wrong key or modified header") from None
+
+
 def unwrap_dek(kek: Any, blob: bytes, mechanism: int, name: str) -> bytearray:
     """C_UnwrapKey + read the value + destroy. Raises HeaderAuthError for a blob that does not
     unwrap, HsmUnavailableError when the token is gone (SoftHSM2 answers a bad blob with
     CKR_GENERAL_ERROR, so callers that must tell the two apart probe the token first)."""
     with _LOCK:
-        try:
-            obj = kek.unwrap_key(
-                ObjectClass.SECRET_KEY,
-                KeyType.AES,
-                blob,
-                mechanism=_mech(mechanism),
-                store=False,
-                template=_DEK_TEMPLATE,
-            )
-        except p11e.PKCS11Error as exc:
-            if is_gone(exc):
-                raise unavailable(f"cannot unwrap under KEK {name}", exc) from None
-            raise HeaderAuthError(f"the DEK does not unwrap under KEK {name}: wrong key or modified header") from None
+        obj = _unwrap_object(kek, blob, mechanism, name)
         try:
             return bytearray(obj[Attribute.VALUE])
         finally:
@@ -368,19 +368,7 @@ def rewrap_dek(
     uses the new wrapping.
     """
     with _LOCK:
-        try:
-            obj = old_kek.unwrap_key(
-                ObjectClass.SECRET_KEY,
-                KeyType.AES,
-                blob,
-                mechanism=_mech(old_mech),
-                store=False,
-                template=_DEK_TEMPLATE,
-            )
-        except p11e.PKCS11Error as exc:
-            if is_gone(exc):
-                raise unavailable(f"cannot unwrap under KEK {name}", exc) from None
-            raise HeaderAuthError(f"the DEK does not unwrap under KEK {name}: wrong key or modified header") from None
+        obj = _unwrap_object(old_kek, blob, old_mech, name)
         try:
             dek = bytearray(obj[Attribute.VALUE])
             return dek, bytes(new_kek.wrap_key(obj, mechanism=_mech(new_mech)))
