@@ -117,6 +117,19 @@ class Mounted:
         run_vcfs("mount", str(self.backing), str(self.mnt))
 
 
+def open_to_other_users(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Let other uids traverse to tmp_path: pytest makes its directories 0700, and the default base
+    (/tmp/pytest-of-<user>) sits one level above the run's own directory. Only directories that
+    lack the bits are touched, so a --basetemp under /tmp leaves /tmp alone."""
+    top = tmp_path_factory.getbasetemp().parent
+    for d in (tmp_path, *tmp_path.parents):
+        mode = os.stat(d).st_mode
+        if mode & 0o055 != 0o055:
+            os.chmod(d, (mode | 0o755) & 0o7777)
+        if d == top:
+            break
+
+
 def force_unmount(mnt: Path) -> None:
     subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
 

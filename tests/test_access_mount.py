@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 from audit_helpers import lines, verify, wait_for
-from conftest import Mounted, is_mounted, require, run_vcfs
+from conftest import Mounted, is_mounted, open_to_other_users, require, run_vcfs
 
 from vcfs.core.layout import block_no_to_cipher_off
 from vcfs.runpaths import pid_file
@@ -54,12 +54,11 @@ class Guarded(Mounted):
 
 
 @pytest.fixture
-def guarded(store: Path, tmp_path: Path) -> Iterator[Guarded]:
+def guarded(store: Path, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guarded]:
     require(os.geteuid() == 0, "root (setpriv to other uids, allow_other)")
     require(os.path.exists("/dev/fuse"), "/dev/fuse")
     require(shutil.which("setpriv") is not None, "setpriv (util-linux)")
-    for d in (tmp_path, tmp_path.parent):  # other uids must reach the mount point and the programs
-        os.chmod(d, 0o755)
+    open_to_other_users(tmp_path, tmp_path_factory)  # other uids must reach the mount point and the programs
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     m = Guarded(store, mnt, tmp_path / "policy.toml", tmp_path / "audit", tmp_path / "daemon.log")

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Mounted
+from conftest import Mounted, open_to_other_users
 
 pytestmark = pytest.mark.mount
 
@@ -361,13 +361,13 @@ def test_same_results_as_a_plain_directory_as_root(mounted: Mounted, tmp_path: P
         _compare(name, _normalize(plain), _normalize(mount))
 
 
-def test_same_results_as_a_plain_directory_as_a_user(mounted: Mounted, tmp_path: Path) -> None:
+def test_same_results_as_a_plain_directory_as_a_user(
+    mounted: Mounted, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root to switch to an unprivileged user")
     os.umask(0o022)
-    for d in (tmp_path, *tmp_path.parents):
-        if str(d).startswith(str(tmp_path.parents[1])):
-            os.chmod(d, 0o755)  # let the user reach its directories
+    open_to_other_users(tmp_path, tmp_path_factory)  # let the user reach its directories
     plain_parent, mount_parent = tmp_path / "plain-parent", mounted.mnt / "user"
     for d in (plain_parent, mount_parent):
         d.mkdir()
