@@ -38,7 +38,7 @@ from typing import Protocol
 
 from vcfs import counters, events
 from vcfs.core.aead import DEK_LEN, FileKeys, derive_file_keys, derive_header_keys, new_dek, new_file_id, wipe
-from vcfs.core.blocks import open_block, seal_block
+from vcfs.core.blocks import open_block, open_block_into, seal_block
 from vcfs.core.header import (
     SLOT_LEN,
     Header,
@@ -184,11 +184,15 @@ class CryptFile:
 
     # ---- reading -------------------------------------------------------------------------
 
-    def _open_disk_block(self, block_no: int, sealed: bytes | memoryview) -> bytes:
+    def _open_disk_block(self, block_no: int, sealed: bytes | memoryview, out: memoryview) -> int:
+        """Authenticate on-disk block ``block_no`` and decrypt it into ``out``; its length.
+
+        On an error ``out`` may hold unauthenticated bytes; the caller drops the buffer.
+        """
         last = block_no == self.disk_blocks - 1
         if last:
             try:
-                return open_block(self._keys, self._bound, block_no, self.disk_last_final, sealed)
+                return open_block_into(self._keys, self._bound, block_no, self.disk_last_final, sealed, out)
             except BlockAuthError:
                 if self.disk_last_final and _opens_as(self, block_no, False, sealed):
                     raise UnterminatedError(
@@ -197,30 +201,39 @@ class CryptFile:
                     ) from None
                 raise
         try:
-            return open_block(self._keys, self._bound, block_no, False, sealed)
+            return open_block_into(self._keys, self._bound, block_no, False, sealed, out)
         except BlockAuthError:
             # An inner block sealed final is the trace of a crash between writing a file's new
             # end and resealing its old end; its bytes are still authentic.
-            return open_block(self._keys, self._bound, block_no, True, sealed)
+            return open_block_into(self._keys, self._bound, block_no, True, sealed, out)
 
-    def _read_disk_blocks(self, first: int, count: int) -> list[bytes]:
-        """Authenticated plaintext of on-disk blocks first..first+count-1."""
+    def _read_disk_blocks(self, first: int, count: int, out: memoryview) -> int:
+        """Authenticated plaintext of on-disk blocks first..first+count-1, one after the other
+        into ``out`` (room for ``count`` whole blocks); returns the bytes written.
+
+        One pread for the run, each block decrypted straight into its place: no copy between
+        the read and the reply. On an error ``out`` may hold unauthenticated bytes: drop it.
+        """
         cached = self.final_cache
         if count == 1 and cached is not None and cached[0] == first:
-            return [cached[1]]
+            out[: len(cached[1])] = cached[1]
+            return len(cached[1])
         raw = pread_exact(self.fd, count * CIPHER_BLOCK_SIZE, block_no_to_cipher_off(first))
         view = memoryview(raw)
-        out = []
+        pos = 0
         for i in range(count):
             if self.patched and first + i in self.patched:
-                out.append(self.patched[first + i])
+                plain = self.patched[first + i]
+                out[pos : pos + len(plain)] = plain
+                pos += len(plain)
                 continue
             sealed = view[i * CIPHER_BLOCK_SIZE : (i + 1) * CIPHER_BLOCK_SIZE]
             if len(sealed) < BLOCK_OVERHEAD:
                 raise TruncatedError(f"{self.label}: block {first + i} is missing or torn", hint="run vcfs fsck")
-            out.append(self._open_disk_block(first + i, sealed))
-            counters.opened(len(out[-1]))
-        return out
+            n = self._open_disk_block(first + i, sealed, out[pos:])
+            counters.opened(n)
+            pos += n
+        return pos
 
     def try_open(self, block_no: int, sealed: bytes | memoryview) -> tuple[bytes, bool] | None:
         """(plaintext, sealed final?) if ``sealed`` authenticates as block ``block_no`` of this file."""
@@ -253,37 +266,48 @@ class CryptFile:
             return self.dirty[block_no]
         if block_no >= self.disk_blocks:
             return b""
-        return self._read_disk_blocks(block_no, 1)[0]
+        buf = bytearray(BLOCK_SIZE)
+        with memoryview(buf) as view:
+            n = self._read_disk_blocks(block_no, 1, view)
+        del buf[n:]
+        return buf  # a fresh buffer: the caller may keep it
 
-    def read(self, offset: int, length: int) -> bytes:
+    def read(self, offset: int, length: int) -> bytes | memoryview:
+        """Up to ``length`` plaintext bytes at ``offset``, every one authenticated.
+
+        A view of one buffer that the blocks were decrypted into (no join, no slice copy).
+        """
         with self.lock:
             end = min(offset + length, self.size)
             if offset >= end:
                 return b""
             first, last = plain_off_to_block_no(offset), plain_off_to_block_no(end - 1)
-            parts: list[bytes | bytearray] = []
+            buf = bytearray((last - first + 1) * BLOCK_SIZE)
+            out = memoryview(buf)
+            pos = 0
             b = first
             while b <= last:
                 if b in self.dirty or b >= self.disk_blocks:
-                    parts.append(self._plain_block(b))
+                    plain = self._plain_block(b)
+                    out[pos : pos + len(plain)] = plain
+                    pos += len(plain)
                     b += 1
                     continue
                 run_end = b
                 while run_end <= last and run_end not in self.dirty and run_end < self.disk_blocks:
                     run_end += 1
-                parts.extend(self._read_disk_blocks(b, run_end - b))
+                pos += self._read_disk_blocks(b, run_end - b, out[pos:])
                 b = run_end
             start = offset - first * BLOCK_SIZE
-            if len(parts) == 1:
-                return bytes(memoryview(parts[0])[start : start + end - offset])
-            return b"".join(parts)[start : start + end - offset]
+            return out[start : min(pos, start + end - offset)]
 
     # ---- writing -------------------------------------------------------------------------
 
     def _dirty_block(self, block_no: int) -> bytearray:
         blk = self.dirty.get(block_no)
         if blk is None:
-            blk = bytearray(self._plain_block(block_no))
+            plain = self._plain_block(block_no)  # not dirty: a fresh buffer (or b"")
+            blk = plain if isinstance(plain, bytearray) else bytearray(plain)
             self.dirty[block_no] = blk
         return blk
 
