@@ -38,7 +38,7 @@ from typing import Protocol
 
 from vcfs import counters, events
 from vcfs.core.aead import DEK_LEN, FileKeys, derive_file_keys, derive_header_keys, new_dek, new_file_id, wipe
-from vcfs.core.blocks import open_block, open_block_into, seal_block
+from vcfs.core.blocks import open_block, open_block_into, seal_block, seal_block_parts
 from vcfs.core.header import (
     SLOT_LEN,
     Header,
@@ -76,6 +76,9 @@ from vcfs.store import fsync_dir, pread_exact, pwrite_all, pwritev_all, reserve_
 # NIST SP 800-38D: at most 2^32 random 96-bit nonces per key. vcfs stops at half of that.
 SEAL_BUDGET = 1 << 31
 SEAL_RESERVE_STEP = 1 << 16  # seals reserved in the header at a time (4 GiB of block writes)
+# A new file reserves only a few seals (4 MiB of block writes): a small file then never needs
+# to lower its reservation at close, which over a slot never synced would cost an fdatasync.
+NEW_FILE_SEALS = 64
 MAX_DIRTY_BLOCKS = 16  # plaintext held per open file before sealing (1 MiB)
 
 log = logging.getLogger("vcfs.cryptfile")
@@ -120,7 +123,9 @@ class CryptFile:
         # The wrapped DEK this file was opened with: what the mount's DEK cache holds for it.
         self.opened_with = Wrapped(KeyRef(slot.domain, slot.kek_version), slot.wrap_alg, slot.wrapped)
         self._load_disk_state()
-        self.dirty: dict[int, bytearray] = {}
+        # A block written whole from immutable bytes is held as a view of them (no copy) until
+        # something changes part of it (``_dirty_block`` then copies it into a bytearray).
+        self.dirty: dict[int, bytearray | memoryview] = {}
         self.final_cache: tuple[int, bytes] | None = None
         self.journal: FileJournal | None = None  # set for writers: where _preserve copies blocks
         self._unsynced: set[int] = set()  # on-disk blocks written since the last fsync began
@@ -261,11 +266,14 @@ class CryptFile:
         else:
             self._load_disk_state()
 
-    def _plain_block(self, block_no: int) -> bytes | bytearray:
+    def _plain_block(self, block_no: int) -> bytes | bytearray | memoryview:
         if block_no in self.dirty:
             return self.dirty[block_no]
         if block_no >= self.disk_blocks:
             return b""
+        cached = self.final_cache
+        if cached is not None and cached[0] == block_no:
+            return bytearray(cached[1])
         buf = bytearray(BLOCK_SIZE)
         with memoryview(buf) as view:
             n = self._read_disk_blocks(block_no, 1, view)
@@ -304,12 +312,14 @@ class CryptFile:
     # ---- writing -------------------------------------------------------------------------
 
     def _dirty_block(self, block_no: int) -> bytearray:
+        """Block ``block_no`` held in memory as a buffer that may be changed in place."""
         blk = self.dirty.get(block_no)
-        if blk is None:
-            plain = self._plain_block(block_no)  # not dirty: a fresh buffer (or b"")
-            blk = plain if isinstance(plain, bytearray) else bytearray(plain)
-            self.dirty[block_no] = blk
-        return blk
+        if isinstance(blk, bytearray):
+            return blk
+        plain = self._plain_block(block_no)  # a view of written bytes, or not dirty: a fresh buffer (or b"")
+        held = plain if isinstance(plain, bytearray) and blk is None else bytearray(plain)
+        self.dirty[block_no] = held
+        return held
 
     def _extend(self, new_size: int) -> None:
         """Grow the file with explicit, sealed zeros up to ``new_size`` (no unauthenticated holes)."""
@@ -323,9 +333,12 @@ class CryptFile:
                 self._flush(keep_tail=True)
 
     def try_write_buffered(self, offset: int, data: bytes) -> bool:
-        """Write without I/O if the bytes land in one block already held in memory.
+        """Write without I/O if the bytes land in one block already held in memory: a dirty
+        block, or the file's last block whose plaintext ``final_cache`` keeps (an append right
+        after a flush, or the first write into a new file).
 
-        For the event loop: never blocks (gives up if the lock is busy) and does no crypto.
+        For the event loop: never blocks (gives up if the lock is busy), does no crypto and
+        copies at most one block.
         """
         b = plain_off_to_block_no(offset)
         boff = offset - b * BLOCK_SIZE
@@ -334,9 +347,15 @@ class CryptFile:
         if not self.lock.acquire(blocking=False):
             return False
         try:
-            blk = self.dirty.get(b)
-            if blk is None or boff > len(blk):
+            held: bytes | bytearray | memoryview | None = self.dirty.get(b)
+            if held is None:
+                cached = self.final_cache
+                if cached is None or cached[0] != b or b != self.disk_blocks - 1 or b in self.patched:
+                    return False
+                held = cached[1]
+            if boff > len(held):
                 return False
+            blk = self._dirty_block(b)  # a copy only if the block was a view of an earlier write
             blk[boff : boff + len(data)] = data
             self.size = max(self.size, offset + len(data))
             self.changed = True
@@ -350,14 +369,16 @@ class CryptFile:
             if offset > self.size:
                 self._extend(offset)
             view = memoryview(data)
+            keep = isinstance(view.obj, bytes)  # immutable: whole blocks may stay views of it
             pos, end = offset, offset + len(view)
             while pos < end:
                 b = plain_off_to_block_no(pos)
                 boff = pos - b * BLOCK_SIZE
                 n = min(BLOCK_SIZE - boff, end - pos)
                 chunk = view[pos - offset : pos - offset + n]
-                if b not in self.dirty and boff == 0 and n >= block_len(b, self.size):
-                    self.dirty[b] = bytearray(chunk)  # whole block replaced: nothing to read
+                if boff == 0 and n >= block_len(b, self.size):
+                    # Whole block replaced: nothing to read, and nothing to copy from bytes.
+                    self.dirty[b] = chunk if keep and n == BLOCK_SIZE else bytearray(chunk)
                 else:
                     blk = self._dirty_block(b)
                     blk[boff : boff + n] = chunk
@@ -389,7 +410,7 @@ class CryptFile:
             else:
                 self._flush(keep_tail=False)
 
-    def _rewrite_last(self, last: int, plain: bytes | bytearray) -> None:
+    def _rewrite_last(self, last: int, plain: bytes | bytearray | memoryview) -> None:
         """Make on-disk block ``last`` the file's final block holding ``plain``; cut what follows.
 
         The block is written over in place, then the file is cut after it. Until the cut, block
@@ -458,9 +479,14 @@ class CryptFile:
         self._slot, self._slot_index, self._slot_durable = new, index, sync
         self.seals_persisted = seals
 
-    def _seal(self, block_no: int, final: bool, plain: bytes | bytearray) -> bytes:
+    def _seal(self, block_no: int, final: bool, plain: bytes | bytearray | memoryview) -> bytes:
         counters.sealed(len(plain))
         return seal_block(self._keys, self._bound, block_no, final, plain)
+
+    def _seal_parts(self, block_no: int, final: bool, plain: bytes | bytearray | memoryview) -> tuple[bytes, bytes]:
+        """``_seal`` as (nonce, ciphertext + tag), for a vectored write without a join."""
+        counters.sealed(len(plain))
+        return seal_block_parts(self._keys, self._bound, block_no, final, plain)
 
     def _disk_block(self, block_no: int) -> bytes:
         """Block ``block_no``'s sealed bytes as they are on disk now."""
@@ -523,7 +549,7 @@ class CryptFile:
         # The old last block is resealed inner in the same ascending write as the blocks after
         # it (every block past the old end is dirty, so it directly precedes them): a write cut
         # short then always leaves its damage at the new end of the file, never inside it.
-        plain: dict[int, bytes | bytearray] = {b: self.dirty[b] for b in todo}
+        plain: dict[int, bytes | bytearray | memoryview] = {b: self.dirty[b] for b in todo}
         if reseal_old:
             plain[old_last] = self._plain_block(old_last)
         order = sorted(plain)
@@ -531,11 +557,11 @@ class CryptFile:
         if end > on_disk and 0 <= old_last < self.disk_blocks and old_last in plain and old_last not in undo:
             undo[old_last] = self._disk_block(old_last)  # to put back if the file must be cut back
         try:
-            run: list[bytes] = []
+            run: list[bytes] = []  # nonce, ciphertext+tag, nonce, ...: one pwritev, no joining
             for i, b in enumerate(order):
-                run.append(self._seal(b, b == new_last, plain[b]))
+                run.extend(self._seal_parts(b, b == new_last, plain[b]))
                 if i + 1 == len(order) or order[i + 1] != b + 1:
-                    pwritev_all(self.fd, run, block_no_to_cipher_off(b + 1 - len(run)))
+                    pwritev_all(self.fd, run, block_no_to_cipher_off(b + 1 - len(run) // 2))
                     run = []
         except OSError:
             if end > on_disk:
@@ -633,7 +659,11 @@ class CryptFile:
                 return
             try:
                 self._flush(keep_tail=False)
-                if self.seals_used < self.seals_persisted:
+                if self.seals_used < self.seals_persisted and self._slot_durable:
+                    # Only over a durable slot: otherwise (a small file created in this session
+                    # and never synced) the write would first need an fdatasync of its own, one
+                    # per new file; such a file keeps its reservation instead (at most
+                    # NEW_FILE_SEALS, once; docs/FORMAT.md, "Nonce budget").
                     # Bookkeeping, not a change of content: keep the times the data (or a
                     # utimens) left, or every close would move mtime to the moment of release.
                     st = os.fstat(self.fd)
@@ -835,13 +865,21 @@ def erase_other_slot(fd: int, keep: int) -> bool:
     return True
 
 
-def new_file_header(wrap: Callable[[bytearray], Wrapped], seals: int) -> tuple[Header, FileKeys]:
-    """A fresh DEK and file id, the DEK wrapped, and the header for them (slot 0)."""
-    dek = new_dek()
+def new_file_header(
+    wrap: Callable[[bytearray], Wrapped] | None, seals: int, prewrapped: tuple[bytearray, Wrapped] | None = None
+) -> tuple[Header, FileKeys]:
+    """A fresh DEK and file id, the DEK wrapped, and the header for them (slot 0).
+
+    ``prewrapped``: a fresh DEK and its wrapping made ahead (vcfs/keys/dekpool.py) instead of
+    ``wrap``; its buffer is overwritten here like a DEK made here.
+    """
+    dek, wrapped = prewrapped if prewrapped is not None else (new_dek(), None)
     try:
         file_id = new_file_id()
         keys = derive_file_keys(dek, file_id)
-        wrapped = wrap(dek)
+        if wrapped is None:
+            assert wrap is not None
+            wrapped = wrap(dek)
     finally:
         wipe(dek)
     slot = KeySlot(1, wrapped.wrap_alg, wrapped.ref.domain, wrapped.ref.version, wrapped.blob, seals)
@@ -851,17 +889,22 @@ def new_file_header(wrap: Callable[[bytearray], Wrapped], seals: int) -> tuple[H
 def create_cryptfile(
     fd: int,
     label: str,
-    wrap: Callable[[bytearray], Wrapped],
+    wrap: Callable[[bytearray], Wrapped] | None,
     journal: Journal | None = None,
     seal_budget: int = SEAL_BUDGET,
     renewer: Renewer | None = None,
+    prewrapped: tuple[bytearray, Wrapped] | None = None,
 ) -> CryptFile:
-    """Write a new empty file (header + one empty final block) into an empty backing file."""
-    header, keys = new_file_header(wrap, min(SEAL_RESERVE_STEP, seal_budget))
+    """Write a new empty file (header + one empty final block) into an empty backing file.
+
+    The DEK is made and wrapped with ``wrap``, or comes ready in ``prewrapped`` (no HSM call).
+    """
+    header, keys = new_file_header(wrap, min(NEW_FILE_SEALS, seal_budget), prewrapped)
     fcntl.flock(fd, fcntl.LOCK_SH)
     empty = seal_block(keys, header.preamble.bound, 0, True, b"")
     pwrite_all(fd, header.encode() + empty, 0)
     cf = CryptFile(fd, header, 0, keys, label, seal_budget, renewer)
+    cf.final_cache = (0, b"")  # the first write lands in memory, without reading the block back
     cf.seals_used = 1
     cf._unsynced.add(0)  # never fsynced: the first write may overwrite it without a copy
     if journal is not None:

@@ -104,6 +104,7 @@ class VcfsOperations(pyfuse3.Operations):
         self._io = Lane(IO_SLOTS)
         self._sync = Lane(SYNC_SLOTS)  # so that syncs of some files never hold up writes to others
         self._keep_cache: dict[int, tuple[int, int]] = {}  # inode -> backing (mtime_ns, size)
+        self._pool_low = trio.Event()  # a create took a pre-wrapped DEK (keep_dek_pool refills)
         self._chown = can_chown()  # root, or the service user with CAP_CHOWN
 
     @property
@@ -137,6 +138,20 @@ class VcfsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(exc.errno) from None
         except OSError as exc:
             raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+
+    async def keep_dek_pool(self) -> None:
+        """Beside the FUSE loop: refill the pool of pre-wrapped DEKs after creates took from it,
+        a few wraps per trip to the HSM worker (vcfs/keys/dekpool.py)."""
+        while True:
+            await self._pool_low.wait()
+            self._pool_low = trio.Event()
+            if not self.keys.pool_low():
+                continue  # refilled when half empty, in batches: fewer trips, opens get in between
+            try:
+                while await self._hsm.run(self.keys.fill_pool):
+                    pass
+            except Exception as exc:  # the HSM went away: creates wrap one by one and report it
+                log.warning("could not wrap DEKs ahead for new files: %s", getattr(exc, "message", exc))
 
     async def run_hsm(self, fn: Callable[[], _T]) -> _T:
         """Run ``fn`` in the one HSM worker (key upkeep from the daemon)."""
@@ -243,12 +258,14 @@ class VcfsOperations(pyfuse3.Operations):
             if fields.update_size:
                 assert cf is not None
                 await self._run(cf.truncate, attr.st_size, label=cf.label)
-            if cf is not None and (fields.update_atime or fields.update_mtime):
-                # Seal what the kernel wrote back before this request now, or sealing it at close
-                # would bump the backing mtime past the one being set (cp -p, tar, rsync).
-                await self._run(cf.flush, label=cf.label, sync=True)  # may sync a journal copy
+            # Seal what the kernel wrote back before this request first, or sealing it at close
+            # would bump the backing mtime past the one being set (cp -p, tar, rsync).
+            flush_first = cf is not None and bool(fields.update_atime or fields.update_mtime)
 
-            def apply() -> None:
+            def apply() -> os.stat_result:  # one thread hop for the flush, the changes and the stat
+                if flush_first:
+                    assert cf is not None
+                    cf.flush()  # may sync a journal copy: in the sync lane
                 try:
                     target: bytes | int = self.inodes.path(inode)
                 except FileNotFoundError:
@@ -267,11 +284,14 @@ class VcfsOperations(pyfuse3.Operations):
                     atime = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
                     mtime = attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns
                     os.utime(target, ns=(atime, mtime), follow_symlinks=follow)
+                return self._stat_inode(inode)
 
             if any(
                 (fields.update_mode, fields.update_uid, fields.update_gid, fields.update_atime, fields.update_mtime)
             ):
-                await self._run(apply, label="setattr")
+                label = cf.label if cf is not None else "setattr"
+                st = await self._run(apply, label=label, sync=flush_first)
+                return self._oserror(lambda: self._attrs(st, inode))
             return self._oserror(lambda: self._attrs(self._stat_inode(inode), inode))
 
     @asynccontextmanager
@@ -572,7 +592,20 @@ class VcfsOperations(pyfuse3.Operations):
                     fd, label, wrap, self.journal, seal_budget=keys.seal_budget, renewer=keys.renewer
                 )
 
-            cf = await self._run(make, label=label, hsm=True)
+            def make_prewrapped() -> CryptFile | None:  # an I/O worker: a DEK wrapped ahead, no HSM
+                if keys.stale():
+                    return None  # keys changed: make() picks that up first
+                ready = keys.prewrapped(keys.domain_for(plain))
+                if ready is None:
+                    return None
+                return create_cryptfile(
+                    fd, label, None, self.journal, seal_budget=keys.seal_budget, renewer=keys.renewer, prewrapped=ready
+                )
+
+            cf = await self._run(make_prewrapped, label=label)
+            if cf is None:
+                cf = await self._run(make, label=label, hsm=True)
+            self._pool_low.set()  # top the pool up again
         except BaseException:
             if fd >= 0:
                 os.close(fd)

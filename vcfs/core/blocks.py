@@ -35,6 +35,16 @@ def seal_block(
     return nonce + keys.seal(nonce, plaintext, block_aad(bound, block_no, final))
 
 
+def seal_block_parts(
+    keys: FileKeys, bound: bytes, block_no: int, final: bool, plaintext: bytes | bytearray | memoryview
+) -> tuple[bytes, bytes]:
+    """``seal_block`` as its two parts, nonce and ciphertext || tag (a vectored write needs no join)."""
+    if len(plaintext) > BLOCK_SIZE:
+        raise ValueError("block longer than BLOCK_SIZE")
+    nonce = new_nonce()
+    return nonce, keys.seal(nonce, plaintext, block_aad(bound, block_no, final))
+
+
 def seal_block_into(
     keys: FileKeys,
     bound: bytes,
