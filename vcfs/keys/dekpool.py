@@ -79,6 +79,9 @@ class DekPool:
         """
         made = 0
         for _ in range(min(count, self.missing(ref))):
+            with self._lock:
+                if ref not in self.wanted:
+                    break  # no longer current (retain), or never asked for
             dek = new_dek()
             try:
                 wrapped = wrap(dek)
