@@ -77,6 +77,43 @@ class Target:
         return None
 
 
+class MachineLoad:
+    """How busy the machine was with work that is not this benchmark's: CPU time of the whole
+    machine minus the bench's own (this process, its clients such as dd and fio, the daemons of
+    the targets), as a percentage of all CPUs. This machine is shared: the number says how much
+    to trust a run."""
+
+    def __init__(self, targets: list[Target]) -> None:
+        self.targets = targets
+        self.samples: list[float] = []
+        self._start: tuple[float, float, float] | None = None
+
+    def _now(self) -> tuple[float, float, float]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        hz = os.sysconf("SC_CLK_TCK")
+        total = sum(fields[:8]) / hz
+        idle = (fields[3] + fields[4]) / hz
+        t = os.times()
+        ours = t.user + t.system + t.children_user + t.children_system + sum(x.cpu_seconds() for x in self.targets)
+        return total, total - idle, ours
+
+    def start(self) -> None:
+        self._start = self._now()
+
+    def stop(self) -> float:
+        assert self._start is not None
+        total, busy, ours = (b - a for a, b in zip(self._start, self._now(), strict=True))
+        pct = max(0.0, (busy - ours) / total * 100) if total > 0 else 0.0
+        self.samples.append(pct)
+        return pct
+
+    def summary(self) -> dict[str, float]:
+        if not self.samples:
+            return {}
+        return {"other_cpu_pct_median": statistics.median(self.samples), "other_cpu_pct_max": max(self.samples),
+                "loadavg_end": os.getloadavg()[0]}
+
+
 def pid_of(pattern: str) -> int | None:
     res = subprocess.run(["pgrep", "-n", "-f", pattern], capture_output=True, text=True)
     return int(res.stdout.split()[0]) if res.stdout.strip() else None
@@ -261,51 +298,91 @@ def w_ffmpeg(t: Target) -> dict[str, float]:
     return {"s": wall}
 
 
+RECORDER_RATE = 4_000_000 // 8  # bytes/s: a 4 Mbit/s stream
+FSYNC_EVERY = 15  # writes: 4-64 KiB pieces average 34 KiB, so at 4 Mbit/s about one fsync a second
+
+
+def _merged_percentiles(jobs: list[dict], key: str) -> tuple[float, float, float]:
+    """p50, p99 and max in ms over every job's latency histogram (fio json+ bins: ns -> count)."""
+    bins: dict[int, int] = {}
+    top = 0.0
+    for job in jobs:
+        lat = job["sync" if key == "sync" else "write"]["lat_ns" if key == "sync" else "clat_ns"]
+        top = max(top, float(lat.get("max", 0)))
+        for ns, count in lat.get("bins", {}).items():
+            bins[int(ns)] = bins.get(int(ns), 0) + count
+    total = sum(bins.values())
+    if not total:
+        return 0.0, 0.0, 0.0
+    out, seen, marks = [], 0, [0.5, 0.99]
+    for ns in sorted(bins):
+        seen += bins[ns]
+        while marks and seen >= marks[0] * total:
+            out.append(ns / 1e6)
+            marks.pop(0)
+    return out[0], out[1], top / 1e6
+
+
 def w_recorders(t: Target, n: int, seconds: float) -> dict[str, float]:
-    """n streams at 4 Mbit/s, 4-64 KiB pieces, fsync every second; latency of each write call."""
-    rate = 4_000_000 / 8
-    lat: list[float] = []
-    behind = [0]
-    lock = threading.Lock()
+    """n streams at 4 Mbit/s, run by fio (one thread each: a C client, so 1024 of them do not
+    measure Python's GIL): 4-64 KiB write(2)s, an fsync every 15 writes (about once a second).
+    Latency of each write call and of each fsync, over all streams; how many streams fell more
+    than 5 % behind their rate; the daemon's CPU per GiB written."""
+    if shutil.which("fio") is None:
+        print("bench: fio not installed (apt-get install fio); skipping the recorder workload", file=sys.stderr)
+        return {}
+    d = t.mnt / "recorders"
+    d.mkdir()
+    cmd = ["fio", "--name=rec", f"--directory={d}", "--ioengine=psync", "--rw=write", "--bsrange=4k-64k",
+           f"--rate={RECORDER_RATE}", f"--fsync={FSYNC_EVERY}", "--time_based", f"--runtime={seconds:g}",
+           "--size=1g", "--fallocate=none", f"--numjobs={n}", "--thread", "--filename_format=stream.$jobnum",
+           "--output-format=json+"]
+    cpu0 = t.cpu_seconds()
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    cpu = t.cpu_seconds() - cpu0
+    try:
+        jobs = json.loads(res.stdout[res.stdout.index("{"):])["jobs"]
+    except ValueError:
+        raise RuntimeError(f"fio failed on {t.name}: {res.stderr.strip()[-500:]}") from None
+    shutil.rmtree(d)
+    written = sum(j["write"]["io_bytes"] for j in jobs)
+    behind = sum(1 for j in jobs if j["write"]["io_bytes"] < 0.95 * RECORDER_RATE * seconds)
+    p50, p99, top = _merged_percentiles(jobs, "write")
+    s50, s99, stop = _merged_percentiles(jobs, "sync")
+    return {"p50_ms": p50, "p99_ms": p99, "max_ms": top, "fsync_p50_ms": s50, "fsync_p99_ms": s99,
+            "fsync_max_ms": stop, "streams_behind": behind, "MiB/s": written / MiB / seconds,
+            **({"cpu_s_per_GiB": cpu / (written / 2**30)} if t.pid is not None and written else {})}
 
-    def stream(i: int) -> None:
-        rng = random.Random(i)
-        mine: list[float] = []
-        with open(t.mnt / f"stream-{i}", "wb", buffering=0) as f:
-            start = last_sync = time.monotonic()
-            written = 0
-            while (now := time.monotonic()) - start < seconds:
-                due = (now - start) * rate
-                if written >= due:
-                    time.sleep(min(0.05, (written - due) / rate))
-                    continue
-                piece = rng.randrange(4096, 65537)
-                t0 = time.monotonic()
-                f.write(b"\0" * piece)
-                mine.append(time.monotonic() - t0)
-                written += piece
-                if now - last_sync >= 1.0:
-                    os.fsync(f.fileno())
-                    last_sync = now
-        with lock:
-            lat.extend(mine)
-            if written < rate * seconds * 0.95:
-                behind[0] += 1
 
-    threads = [threading.Thread(target=stream, args=(i,)) for i in range(n)]
-    for th in threads:
-        th.start()
-    for th in threads:
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def soak(t: Target, n: int, seconds: float, every: float = 10.0) -> dict[str, object]:
+    """The recorder workload for ``seconds`` on one target, the daemon's RSS sampled every
+    ``every`` seconds: memory must stay flat (docs/PERFORMANCE.md, "Memory")."""
+    assert t.pid is not None
+    samples: list[tuple[float, float]] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        t0 = time.monotonic()
+        while not stop.wait(every):
+            samples.append((round(time.monotonic() - t0, 1), rss_mib(t.pid)))  # type: ignore[arg-type]
+
+    th = threading.Thread(target=sample)
+    before = rss_mib(t.pid)
+    th.start()
+    try:
+        result = w_recorders(t, n, seconds)
+    finally:
+        stop.set()
         th.join()
-    for i in range(n):
-        (t.mnt / f"stream-{i}").unlink()
-    lat.sort()
-    return {
-        "p50_ms": lat[len(lat) // 2] * 1000,
-        "p99_ms": lat[int(len(lat) * 0.99)] * 1000,
-        "max_ms": lat[-1] * 1000,
-        "streams_behind": behind[0],
-    }
+    return {"target": t.name, "streams": n, "seconds": seconds, "rss_before_mib": before, "rss_mib": samples,
+            "rss_after_mib": rss_mib(t.pid), "recorders": result}
 
 
 AUDIT_POLICY = """
@@ -430,6 +507,7 @@ class Results:
 
 HIGHER_IS_BETTER = {"MiB/s", "IOPS", "cat_MiB/s", "fsck_MiB/s", "fsck_vs_cat"}
 TIME_METRICS = {"s", "cold_s", "warm_s", "cold_cpu_s", "warm_cpu_s"}
+NO_RATIO = {"other_cpu_pct"}  # about the machine, not the target
 
 
 def report(res: Results, extra: dict[str, object]) -> dict[str, object]:
@@ -444,7 +522,7 @@ def report(res: Results, extra: dict[str, object]) -> dict[str, object]:
         for m, per in table.items():
             for tname, s in per.items():
                 ratio = ""
-                if tname == "vcfs":
+                if tname == "vcfs" and m not in NO_RATIO:
                     parts = []
                     for base in ("plain", "vcfs-plain", "gocryptfs", "passthrough"):
                         if base in per and per[base]["median"] and s["median"]:
@@ -483,6 +561,21 @@ def chart(data: dict[str, object], path: Path) -> None:
     print(f"chart: {path}")
 
 
+def machine() -> dict[str, object]:
+    """What the run ran on, for the report."""
+    info: dict[str, object] = {"cpus": os.cpu_count(), "kernel": os.uname().release}
+    try:
+        mem = Path("/proc/meminfo").read_text().split("\n", 1)[0].split()
+        info["mem_gib"] = round(int(mem[1]) / 2**20, 1)
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except (OSError, IndexError, ValueError):
+        pass
+    return info
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(prog="scripts/bench", description=__doc__)
     ap.add_argument("--size", default="1024", help="MiB for sequential workloads (default 1024)")
@@ -505,6 +598,9 @@ def main() -> int:
     ap.add_argument("--ingest", type=int, metavar="N", help="only the ingest workloads: N new files on an ingest "
                     "mount vs a normal mount, then the recorder workloads (--audit-streams streams); "
                     "writes OUT/bench-ingest.json")
+    ap.add_argument("--soak", type=float, metavar="SECONDS", help="only the soak: --soak-streams recorders on "
+                    "vcfs for SECONDS (e.g. 600), the daemon's RSS every 10 s; writes OUT/soak.json")
+    ap.add_argument("--soak-streams", type=int, default=256, help="recorder streams of the soak (default 256)")
     args = ap.parse_args()
     if args.names:
         args.only, args.targets = "ls_lR_5000", "vcfs,vcfs-plain"
@@ -543,6 +639,23 @@ def main() -> int:
         print(f"json: {out / 'rewrap.json'}")
         shutil.rmtree(work, ignore_errors=True)
         return 0
+    if args.soak:
+        (t,) = setup_targets(work, ["vcfs"])
+        try:
+            data = soak(t, args.soak_streams, args.soak)
+        finally:
+            t.stop()
+        data["machine"] = machine()
+        out = Path(args.out)
+        out.mkdir(exist_ok=True)
+        (out / "soak.json").write_text(json.dumps(data, indent=2))
+        rss = [r for _, r in data["rss_mib"]] or [data["rss_after_mib"]]  # type: ignore[union-attr]
+        print(f"soak: {args.soak_streams} streams for {args.soak:g} s; daemon RSS {data['rss_before_mib']:.0f} MiB "
+              f"before, {min(rss):.0f}-{max(rss):.0f} MiB during, {data['rss_after_mib']:.0f} after; "
+              f"{data['recorders']}")
+        print(f"json: {out / 'soak.json'}")
+        shutil.rmtree(work, ignore_errors=True)
+        return 0
     skip = set(filter(None, args.skip.split(",")))
     only = set(filter(None, args.only.split(",")))
     targets = setup_targets(work, args.targets.split(","))
@@ -562,6 +675,7 @@ def main() -> int:
         ]
         for n in filter(None, args.recorders.split(",")):
             plan.append((f"recorders_{n}", lambda t, n=int(n): w_recorders(t, n, args.recorder_seconds)))
+        load = MachineLoad(targets)
         for rep in range(args.repeat):
             for wl, fn in plan:
                 if wl in skip or wl.split("_")[0] in skip or (only and wl not in only):
@@ -569,9 +683,12 @@ def main() -> int:
                 order = targets if rep % 2 == 0 else list(reversed(targets))
                 for t in order:
                     print(f"[{rep + 1}/{args.repeat}] {wl} on {t.name}", file=sys.stderr)
-                    res.add(wl, t.name, fn(t))
+                    load.start()
+                    metrics = fn(t)
+                    metrics["other_cpu_pct"] = load.stop()
+                    res.add(wl, t.name, metrics)
         extra = {"peak_rss_mib": {t.name: t.peak_rss_mib() for t in targets}, "size_mib": size // MiB,
-                 "repeat": args.repeat}
+                 "repeat": args.repeat, "machine": machine(), "load": load.summary()}
     finally:
         for t in targets:
             try:

@@ -1,8 +1,9 @@
 """A minimal no-crypto pyfuse3 passthrough: the ceiling of a Python FUSE daemon for scripts/bench.
 
-Same stack as vcfs (pyfuse3 + trio, writeback cache, worker threads for I/O) minus the
-encryption, so the bench can tell the cost of crypto from the cost of FUSE round trips.
-Not part of vcfs; benchmark use only.
+Same stack as vcfs (pyfuse3 + trio, writeback cache, worker threads for I/O through the same
+``vcfs.offload.Lane``, the same FUSE connection settings from ``vcfs.fusetune``) minus the
+encryption, so the bench can tell the cost of crypto and of vcfs's bookkeeping from the cost of
+FUSE round trips. Not part of vcfs; benchmark use only.
 """
 
 from __future__ import annotations
@@ -13,6 +14,11 @@ import sys
 
 import pyfuse3
 import trio
+
+from vcfs import fusetune
+from vcfs.offload import Lane
+
+IO = Lane(16)
 
 
 class Passthrough(pyfuse3.Operations):
@@ -86,13 +92,13 @@ class Passthrough(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fd), self._attr(path)
 
     async def read(self, fh, off, size):  # type: ignore[no-untyped-def]
-        return await trio.to_thread.run_sync(os.pread, fh, size, off)
+        return await IO.run(os.pread, fh, size, off)
 
     async def write(self, fh, off, buf):  # type: ignore[no-untyped-def]
-        return await trio.to_thread.run_sync(os.pwrite, fh, buf, off)
+        return await IO.run(os.pwrite, fh, buf, off)
 
     async def fsync(self, fh, datasync):  # type: ignore[no-untyped-def]
-        await trio.to_thread.run_sync(os.fsync, fh)
+        await IO.run(os.fsync, fh)
 
     async def flush(self, fh):  # type: ignore[no-untyped-def]
         return None
@@ -128,9 +134,20 @@ def main() -> None:
     opts = set(pyfuse3.default_options) | {"fsname=passthrough", "allow_other"}
     pyfuse3.init(Passthrough(root), mnt, opts)
     try:
-        trio.run(pyfuse3.main)
+        trio.run(serve, mnt)
     finally:
         pyfuse3.close(unmount=True)
+
+
+async def serve(mnt: str) -> None:
+    async def tune() -> None:  # as vcfs does: once the kernel's INIT handshake is done
+        await trio.to_thread.run_sync(os.stat, mnt)
+        await trio.to_thread.run_sync(fusetune.tune, mnt)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(tune)
+        await pyfuse3.main(max_tasks=fusetune.MAX_TASKS)
+        nursery.cancel_scope.cancel()
 
 
 if __name__ == "__main__":

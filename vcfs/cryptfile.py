@@ -38,7 +38,7 @@ from typing import Protocol
 
 from vcfs import counters, events
 from vcfs.core.aead import DEK_LEN, FileKeys, derive_file_keys, derive_header_keys, new_dek, new_file_id, wipe
-from vcfs.core.blocks import open_block, seal_block
+from vcfs.core.blocks import open_block, open_block_into, seal_block, seal_block_parts
 from vcfs.core.header import (
     SLOT_LEN,
     WRAP_PKCS11_AES_KWP,
@@ -77,6 +77,9 @@ from vcfs.store import fsync_dir, pread_exact, pwrite_all, pwritev_all, reserve_
 # NIST SP 800-38D: at most 2^32 random 96-bit nonces per key. vcfs stops at half of that.
 SEAL_BUDGET = 1 << 31
 SEAL_RESERVE_STEP = 1 << 16  # seals reserved in the header at a time (4 GiB of block writes)
+# A new file reserves only a few seals (4 MiB of block writes): a small file then never needs
+# to lower its reservation at close, which over a slot never synced would cost an fdatasync.
+NEW_FILE_SEALS = 64
 MAX_DIRTY_BLOCKS = 16  # plaintext held per open file before sealing (1 MiB)
 
 log = logging.getLogger("vcfs.cryptfile")
@@ -121,7 +124,9 @@ class CryptFile:
         # The wrapped DEK this file was opened with: what the mount's DEK cache holds for it.
         self.opened_with = Wrapped(KeyRef(slot.domain, slot.kek_version), slot.wrap_alg, slot.wrapped)
         self._load_disk_state()
-        self.dirty: dict[int, bytearray] = {}
+        # A block written whole from immutable bytes is held as a view of them (no copy) until
+        # something changes part of it (``_dirty_block`` then copies it into a bytearray).
+        self.dirty: dict[int, bytearray | memoryview] = {}
         self.final_cache: tuple[int, bytes] | None = None
         self.journal: FileJournal | None = None  # set for writers: where _preserve copies blocks
         self._unsynced: set[int] = set()  # on-disk blocks written since the last fsync began
@@ -185,11 +190,15 @@ class CryptFile:
 
     # ---- reading -------------------------------------------------------------------------
 
-    def _open_disk_block(self, block_no: int, sealed: bytes | memoryview) -> bytes:
+    def _open_disk_block(self, block_no: int, sealed: bytes | memoryview, out: memoryview) -> int:
+        """Authenticate on-disk block ``block_no`` and decrypt it into ``out``; its length.
+
+        On an error ``out`` may hold unauthenticated bytes; the caller drops the buffer.
+        """
         last = block_no == self.disk_blocks - 1
         if last:
             try:
-                return open_block(self._keys, self._bound, block_no, self.disk_last_final, sealed)
+                return open_block_into(self._keys, self._bound, block_no, self.disk_last_final, sealed, out)
             except BlockAuthError:
                 if self.disk_last_final and _opens_as(self, block_no, False, sealed):
                     raise UnterminatedError(
@@ -198,30 +207,39 @@ class CryptFile:
                     ) from None
                 raise
         try:
-            return open_block(self._keys, self._bound, block_no, False, sealed)
+            return open_block_into(self._keys, self._bound, block_no, False, sealed, out)
         except BlockAuthError:
             # An inner block sealed final is the trace of a crash between writing a file's new
             # end and resealing its old end; its bytes are still authentic.
-            return open_block(self._keys, self._bound, block_no, True, sealed)
+            return open_block_into(self._keys, self._bound, block_no, True, sealed, out)
 
-    def _read_disk_blocks(self, first: int, count: int) -> list[bytes]:
-        """Authenticated plaintext of on-disk blocks first..first+count-1."""
+    def _read_disk_blocks(self, first: int, count: int, out: memoryview) -> int:
+        """Authenticated plaintext of on-disk blocks first..first+count-1, one after the other
+        into ``out`` (room for ``count`` whole blocks); returns the bytes written.
+
+        One pread for the run, each block decrypted straight into its place: no copy between
+        the read and the reply. On an error ``out`` may hold unauthenticated bytes: drop it.
+        """
         cached = self.final_cache
         if count == 1 and cached is not None and cached[0] == first:
-            return [cached[1]]
+            out[: len(cached[1])] = cached[1]
+            return len(cached[1])
         raw = pread_exact(self.fd, count * CIPHER_BLOCK_SIZE, block_no_to_cipher_off(first))
         view = memoryview(raw)
-        out = []
+        pos = 0
         for i in range(count):
             if self.patched and first + i in self.patched:
-                out.append(self.patched[first + i])
+                plain = self.patched[first + i]
+                out[pos : pos + len(plain)] = plain
+                pos += len(plain)
                 continue
             sealed = view[i * CIPHER_BLOCK_SIZE : (i + 1) * CIPHER_BLOCK_SIZE]
             if len(sealed) < BLOCK_OVERHEAD:
                 raise TruncatedError(f"{self.label}: block {first + i} is missing or torn", hint="run vcfs fsck")
-            out.append(self._open_disk_block(first + i, sealed))
-            counters.opened(len(out[-1]))
-        return out
+            n = self._open_disk_block(first + i, sealed, out[pos:])
+            counters.opened(n)
+            pos += n
+        return pos
 
     def try_open(self, block_no: int, sealed: bytes | memoryview) -> tuple[bytes, bool] | None:
         """(plaintext, sealed final?) if ``sealed`` authenticates as block ``block_no`` of this file."""
@@ -249,44 +267,60 @@ class CryptFile:
         else:
             self._load_disk_state()
 
-    def _plain_block(self, block_no: int) -> bytes | bytearray:
+    def _plain_block(self, block_no: int) -> bytes | bytearray | memoryview:
         if block_no in self.dirty:
             return self.dirty[block_no]
         if block_no >= self.disk_blocks:
             return b""
-        return self._read_disk_blocks(block_no, 1)[0]
+        cached = self.final_cache
+        if cached is not None and cached[0] == block_no:
+            return bytearray(cached[1])
+        buf = bytearray(BLOCK_SIZE)
+        with memoryview(buf) as view:
+            n = self._read_disk_blocks(block_no, 1, view)
+        del buf[n:]
+        return buf  # a fresh buffer: the caller may keep it
 
-    def read(self, offset: int, length: int) -> bytes:
+    def read(self, offset: int, length: int) -> bytes | memoryview:
+        """Up to ``length`` plaintext bytes at ``offset``, every one authenticated.
+
+        A view of one buffer that the blocks were decrypted into (no join, no slice copy).
+        """
         with self.lock:
             end = min(offset + length, self.size)
             if offset >= end:
                 return b""
             first, last = plain_off_to_block_no(offset), plain_off_to_block_no(end - 1)
-            parts: list[bytes | bytearray] = []
+            buf = bytearray((last - first + 1) * BLOCK_SIZE)
+            out = memoryview(buf)
+            pos = 0
             b = first
             while b <= last:
                 if b in self.dirty or b >= self.disk_blocks:
-                    parts.append(self._plain_block(b))
+                    plain = self._plain_block(b)
+                    out[pos : pos + len(plain)] = plain
+                    pos += len(plain)
                     b += 1
                     continue
                 run_end = b
                 while run_end <= last and run_end not in self.dirty and run_end < self.disk_blocks:
                     run_end += 1
-                parts.extend(self._read_disk_blocks(b, run_end - b))
+                pos += self._read_disk_blocks(b, run_end - b, out[pos:])
                 b = run_end
             start = offset - first * BLOCK_SIZE
-            if len(parts) == 1:
-                return bytes(memoryview(parts[0])[start : start + end - offset])
-            return b"".join(parts)[start : start + end - offset]
+            return out[start : min(pos, start + end - offset)]
 
     # ---- writing -------------------------------------------------------------------------
 
     def _dirty_block(self, block_no: int) -> bytearray:
+        """Block ``block_no`` held in memory as a buffer that may be changed in place."""
         blk = self.dirty.get(block_no)
-        if blk is None:
-            blk = bytearray(self._plain_block(block_no))
-            self.dirty[block_no] = blk
-        return blk
+        if isinstance(blk, bytearray):
+            return blk
+        plain = self._plain_block(block_no)  # a view of written bytes, or not dirty: a fresh buffer (or b"")
+        held = plain if isinstance(plain, bytearray) and blk is None else bytearray(plain)
+        self.dirty[block_no] = held
+        return held
 
     def _extend(self, new_size: int) -> None:
         """Grow the file with explicit, sealed zeros up to ``new_size`` (no unauthenticated holes)."""
@@ -300,9 +334,12 @@ class CryptFile:
                 self._flush(keep_tail=True)
 
     def try_write_buffered(self, offset: int, data: bytes) -> bool:
-        """Write without I/O if the bytes land in one block already held in memory.
+        """Write without I/O if the bytes land in one block already held in memory: a dirty
+        block, or the file's last block whose plaintext ``final_cache`` keeps (an append right
+        after a flush, or the first write into a new file).
 
-        For the event loop: never blocks (gives up if the lock is busy) and does no crypto.
+        For the event loop: never blocks (gives up if the lock is busy), does no crypto and
+        copies at most one block.
         """
         b = plain_off_to_block_no(offset)
         boff = offset - b * BLOCK_SIZE
@@ -311,9 +348,15 @@ class CryptFile:
         if not self.lock.acquire(blocking=False):
             return False
         try:
-            blk = self.dirty.get(b)
-            if blk is None or boff > len(blk):
+            held: bytes | bytearray | memoryview | None = self.dirty.get(b)
+            if held is None:
+                cached = self.final_cache
+                if cached is None or cached[0] != b or b != self.disk_blocks - 1 or b in self.patched:
+                    return False
+                held = cached[1]
+            if boff > len(held):
                 return False
+            blk = self._dirty_block(b)  # a copy only if the block was a view of an earlier write
             blk[boff : boff + len(data)] = data
             self.size = max(self.size, offset + len(data))
             self.changed = True
@@ -327,14 +370,16 @@ class CryptFile:
             if offset > self.size:
                 self._extend(offset)
             view = memoryview(data)
+            keep = isinstance(view.obj, bytes)  # immutable: whole blocks may stay views of it
             pos, end = offset, offset + len(view)
             while pos < end:
                 b = plain_off_to_block_no(pos)
                 boff = pos - b * BLOCK_SIZE
                 n = min(BLOCK_SIZE - boff, end - pos)
                 chunk = view[pos - offset : pos - offset + n]
-                if b not in self.dirty and boff == 0 and n >= block_len(b, self.size):
-                    self.dirty[b] = bytearray(chunk)  # whole block replaced: nothing to read
+                if boff == 0 and n >= block_len(b, self.size):
+                    # Whole block replaced: nothing to read, and nothing to copy from bytes.
+                    self.dirty[b] = chunk if keep and n == BLOCK_SIZE else bytearray(chunk)
                 else:
                     blk = self._dirty_block(b)
                     blk[boff : boff + n] = chunk
@@ -366,7 +411,7 @@ class CryptFile:
             else:
                 self._flush(keep_tail=False)
 
-    def _rewrite_last(self, last: int, plain: bytes | bytearray) -> None:
+    def _rewrite_last(self, last: int, plain: bytes | bytearray | memoryview) -> None:
         """Make on-disk block ``last`` the file's final block holding ``plain``; cut what follows.
 
         The block is written over in place, then the file is cut after it. Until the cut, block
@@ -435,9 +480,14 @@ class CryptFile:
         self._slot, self._slot_index, self._slot_durable = new, index, sync
         self.seals_persisted = seals
 
-    def _seal(self, block_no: int, final: bool, plain: bytes | bytearray) -> bytes:
+    def _seal(self, block_no: int, final: bool, plain: bytes | bytearray | memoryview) -> bytes:
         counters.sealed(len(plain))
         return seal_block(self._keys, self._bound, block_no, final, plain)
+
+    def _seal_parts(self, block_no: int, final: bool, plain: bytes | bytearray | memoryview) -> tuple[bytes, bytes]:
+        """``_seal`` as (nonce, ciphertext + tag), for a vectored write without a join."""
+        counters.sealed(len(plain))
+        return seal_block_parts(self._keys, self._bound, block_no, final, plain)
 
     def _disk_block(self, block_no: int) -> bytes:
         """Block ``block_no``'s sealed bytes as they are on disk now."""
@@ -500,7 +550,7 @@ class CryptFile:
         # The old last block is resealed inner in the same ascending write as the blocks after
         # it (every block past the old end is dirty, so it directly precedes them): a write cut
         # short then always leaves its damage at the new end of the file, never inside it.
-        plain: dict[int, bytes | bytearray] = {b: self.dirty[b] for b in todo}
+        plain: dict[int, bytes | bytearray | memoryview] = {b: self.dirty[b] for b in todo}
         if reseal_old:
             plain[old_last] = self._plain_block(old_last)
         order = sorted(plain)
@@ -508,11 +558,11 @@ class CryptFile:
         if end > on_disk and 0 <= old_last < self.disk_blocks and old_last in plain and old_last not in undo:
             undo[old_last] = self._disk_block(old_last)  # to put back if the file must be cut back
         try:
-            run: list[bytes] = []
+            run: list[bytes] = []  # nonce, ciphertext+tag, nonce, ...: one pwritev, no joining
             for i, b in enumerate(order):
-                run.append(self._seal(b, b == new_last, plain[b]))
+                run.extend(self._seal_parts(b, b == new_last, plain[b]))
                 if i + 1 == len(order) or order[i + 1] != b + 1:
-                    pwritev_all(self.fd, run, block_no_to_cipher_off(b + 1 - len(run)))
+                    pwritev_all(self.fd, run, block_no_to_cipher_off(b + 1 - len(run) // 2))
                     run = []
         except OSError:
             if end > on_disk:
@@ -610,7 +660,11 @@ class CryptFile:
                 return
             try:
                 self._flush(keep_tail=False)
-                if self.seals_used < self.seals_persisted:
+                if self.seals_used < self.seals_persisted and self._slot_durable:
+                    # Only over a durable slot: otherwise (a small file created in this session
+                    # and never synced) the write would first need an fdatasync of its own, one
+                    # per new file; such a file keeps its reservation instead (at most
+                    # NEW_FILE_SEALS, once; docs/FORMAT.md, "Nonce budget").
                     # Bookkeeping, not a change of content: keep the times the data (or a
                     # utimens) left, or every close would move mtime to the moment of release.
                     st = os.fstat(self.fd)
@@ -812,13 +866,21 @@ def erase_other_slot(fd: int, keep: int) -> bool:
     return True
 
 
-def new_file_header(wrap: Callable[[bytearray], Wrapped], seals: int) -> tuple[Header, FileKeys]:
-    """A fresh DEK and file id, the DEK wrapped, and the header for them (slot 0)."""
-    dek = new_dek()
+def new_file_header(
+    wrap: Callable[[bytearray], Wrapped] | None, seals: int, prewrapped: tuple[bytearray, Wrapped] | None = None
+) -> tuple[Header, FileKeys]:
+    """A fresh DEK and file id, the DEK wrapped, and the header for them (slot 0).
+
+    ``prewrapped``: a fresh DEK and its wrapping made ahead (vcfs/keys/dekpool.py) instead of
+    ``wrap``; its buffer is overwritten here like a DEK made here.
+    """
+    dek, wrapped = prewrapped if prewrapped is not None else (new_dek(), None)
     try:
         file_id = new_file_id()
         keys = derive_file_keys(dek, file_id)
-        wrapped = wrap(dek)
+        if wrapped is None:
+            assert wrap is not None
+            wrapped = wrap(dek)
     finally:
         wipe(dek)
     slot = KeySlot(1, wrapped.wrap_alg, wrapped.ref.domain, wrapped.ref.version, wrapped.blob, seals)
@@ -828,17 +890,22 @@ def new_file_header(wrap: Callable[[bytearray], Wrapped], seals: int) -> tuple[H
 def create_cryptfile(
     fd: int,
     label: str,
-    wrap: Callable[[bytearray], Wrapped],
+    wrap: Callable[[bytearray], Wrapped] | None,
     journal: Journal | None = None,
     seal_budget: int = SEAL_BUDGET,
     renewer: Renewer | None = None,
+    prewrapped: tuple[bytearray, Wrapped] | None = None,
 ) -> CryptFile:
-    """Write a new empty file (header + one empty final block) into an empty backing file."""
-    header, keys = new_file_header(wrap, min(SEAL_RESERVE_STEP, seal_budget))
+    """Write a new empty file (header + one empty final block) into an empty backing file.
+
+    The DEK is made and wrapped with ``wrap``, or comes ready in ``prewrapped`` (no HSM call).
+    """
+    header, keys = new_file_header(wrap, min(NEW_FILE_SEALS, seal_budget), prewrapped)
     fcntl.flock(fd, fcntl.LOCK_SH)
     empty = seal_block(keys, header.preamble.bound, 0, True, b"")
     pwrite_all(fd, header.encode() + empty, 0)
     cf = CryptFile(fd, header, 0, keys, label, seal_budget, renewer)
+    cf.final_cache = (0, b"")  # the first write lands in memory, without reading the block back
     cf.seals_used = 1
     cf._unsynced.add(0)  # never fsynced: the first write may overwrite it without a copy
     if journal is not None:

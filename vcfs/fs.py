@@ -10,9 +10,16 @@ Extended attributes are not implemented on purpose: pyfuse3's default answer (EN
 the kernel reply ENOTSUP to every xattr call and stop asking, so no xattr name or value ever
 reaches the backing store (docs/FORMAT.md, "Names").
 
-Between awaits: ``_files`` (inode -> open CryptFile) is only changed under ``_open_lock``,
-so two concurrent opens of one inode share one CryptFile and a release never closes a file
-that another open is just handing out.
+Between awaits: an inode's entry in ``_files`` (inode -> open CryptFile) is only created or
+removed under that inode's lock (``_inode_lock``), so two concurrent opens of one inode share
+one CryptFile, a release never closes a file that another open is just handing out, and a new
+open waits until a closing CryptFile is closed. Taking one more reference on an entry that is
+there needs no lock (it happens without an await), so requests on open files (setattr of the
+times a writer flushes, opens of a file already open) never wait behind another file's open,
+HSM unwrap or close. Writes that need a worker thread go through the file's ``_Open.order``
+lock, FIFO: the kernel's writeback sends a file's pages in ascending order, several requests
+at once, and letting worker threads take them in any order would seal zero-filled gaps
+(an append past the end) and then rewrite them through the journal.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import os
 import stat
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import pyfuse3
@@ -39,6 +46,7 @@ from vcfs.journal import Journal
 from vcfs.mountkeys import MountKeys
 from vcfs.names import NameLayer
 from vcfs.namespace import Namespace
+from vcfs.offload import Lane
 from vcfs.privileges import can_chown
 from vcfs.store import open_backing
 
@@ -46,12 +54,21 @@ log = logging.getLogger("vcfs.fs")
 _T = TypeVar("_T")
 
 ATTR_TIMEOUT = 5.0
+IO_SLOTS = 16  # crypto and disk work at a time (threads; AES-GCM and the syscalls release the GIL)
+SYNC_SLOTS = 64  # fsync and close at a time: mostly waiting on the disk, never holding an I/O slot
 
 
 @dataclass(slots=True)
 class _Open:
     cf: CryptFile
     refs: int
+    order: trio.Lock = field(default_factory=trio.Lock)  # writes in arrival order (trio.Lock is FIFO)
+
+
+@dataclass(slots=True)
+class _InodeLock:
+    lock: trio.Lock = field(default_factory=trio.Lock)
+    users: int = 0
 
 
 @dataclass(slots=True)
@@ -82,10 +99,12 @@ class VcfsOperations(pyfuse3.Operations):
         self._handles: dict[int, int] = {}  # fh -> inode
         self._dir_handles: dict[int, _OpenDir] = {}  # directory fh -> inode and listing
         self._next_fh = 1
-        self._open_lock = trio.Lock()
-        self._hsm = trio.CapacityLimiter(1)
-        self._io = trio.CapacityLimiter(16)
+        self._inode_locks: dict[int, _InodeLock] = {}  # only while someone holds or waits for one
+        self._hsm = Lane(1)  # python-pkcs11: one call at a time
+        self._io = Lane(IO_SLOTS)
+        self._sync = Lane(SYNC_SLOTS)  # so that syncs of some files never hold up writes to others
         self._keep_cache: dict[int, tuple[int, int]] = {}  # inode -> backing (mtime_ns, size)
+        self._pool_low = trio.Event()  # a create took a pre-wrapped DEK (keep_dek_pool refills)
         self._chown = can_chown()  # root, or the service user with CAP_CHOWN
 
     @property
@@ -95,10 +114,17 @@ class VcfsOperations(pyfuse3.Operations):
 
     # ---- helpers -------------------------------------------------------------------------
 
-    async def _run(self, fn: Callable[..., _T], *args: Any, label: str = "", hsm: bool = False) -> _T:
-        """Run blocking work in a thread and map every expected failure to an errno."""
+    async def _run(
+        self, fn: Callable[..., _T], *args: Any, label: str = "", hsm: bool = False, sync: bool = False
+    ) -> _T:
+        """Run blocking work in a thread and map every expected failure to an errno.
+
+        ``hsm``: in the one HSM worker; ``sync``: in the lane for work that mostly waits on
+        fdatasync (fsync, close), so that it never takes an I/O slot that a write needs.
+        """
+        lane = self._hsm if hsm else self._sync if sync else self._io
         try:
-            return await trio.to_thread.run_sync(fn, *args, limiter=self._hsm if hsm else self._io)
+            return await lane.run(fn, *args)
         except IntegrityError as exc:
             counters.add(counters.AUTH_FAILURES)
             log.error("authentication failed: %s: %s", label, exc.message)
@@ -115,9 +141,23 @@ class VcfsOperations(pyfuse3.Operations):
         except OSError as exc:
             raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
 
+    async def keep_dek_pool(self) -> None:
+        """Beside the FUSE loop: refill the pool of pre-wrapped DEKs after creates took from it,
+        a few wraps per trip to the HSM worker (vcfs/keys/dekpool.py)."""
+        while True:
+            await self._pool_low.wait()
+            self._pool_low = trio.Event()
+            if not self.keys.pool_low():
+                continue  # refilled when half empty, in batches: fewer trips, opens get in between
+            try:
+                while await self._hsm.run(self.keys.fill_pool):
+                    pass
+            except Exception as exc:  # the HSM went away: creates wrap one by one and report it
+                log.warning("could not wrap DEKs ahead for new files: %s", getattr(exc, "message", exc))
+
     async def run_hsm(self, fn: Callable[[], _T]) -> _T:
         """Run ``fn`` in the one HSM worker (key upkeep from the daemon)."""
-        return await trio.to_thread.run_sync(fn, limiter=self._hsm)
+        return await self._hsm.run(fn)
 
     def _attrs(self, st: os.stat_result, inode: int, where: tuple[int, bytes] | None = None) -> pyfuse3.EntryAttributes:
         """Attributes of ``inode``; ``where`` = (parent inode, backing path) when it is not remembered yet."""
@@ -220,12 +260,14 @@ class VcfsOperations(pyfuse3.Operations):
             if fields.update_size:
                 assert cf is not None
                 await self._run(cf.truncate, attr.st_size, label=cf.label)
-            if cf is not None and (fields.update_atime or fields.update_mtime):
-                # Seal what the kernel wrote back before this request now, or sealing it at close
-                # would bump the backing mtime past the one being set (cp -p, tar, rsync).
-                await self._run(cf.flush, label=cf.label)
+            # Seal what the kernel wrote back before this request first, or sealing it at close
+            # would bump the backing mtime past the one being set (cp -p, tar, rsync).
+            flush_first = cf is not None and bool(fields.update_atime or fields.update_mtime)
 
-            def apply() -> None:
+            def apply() -> os.stat_result:  # one thread hop for the flush, the changes and the stat
+                if flush_first:
+                    assert cf is not None
+                    cf.flush()  # may sync a journal copy: in the sync lane
                 try:
                     target: bytes | int = self.inodes.path(inode)
                 except FileNotFoundError:
@@ -244,12 +286,37 @@ class VcfsOperations(pyfuse3.Operations):
                     atime = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
                     mtime = attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns
                     os.utime(target, ns=(atime, mtime), follow_symlinks=follow)
+                return self._stat_inode(inode)
 
             if any(
                 (fields.update_mode, fields.update_uid, fields.update_gid, fields.update_atime, fields.update_mtime)
             ):
-                await self._run(apply, label="setattr")
+                label = cf.label if cf is not None else "setattr"
+                st = await self._run(apply, label=label, sync=flush_first)
+                return self._oserror(lambda: self._attrs(st, inode))
             return self._oserror(lambda: self._attrs(self._stat_inode(inode), inode))
+
+    @asynccontextmanager
+    async def _inode_lock(self, inode: int) -> AsyncIterator[None]:
+        """Exclusive for one inode's entry in ``_files`` (see the module docstring)."""
+        entry = self._inode_locks.get(inode)
+        if entry is None:
+            entry = self._inode_locks[inode] = _InodeLock()
+        entry.users += 1
+        try:
+            async with entry.lock:
+                yield
+        finally:
+            entry.users -= 1
+            if not entry.users:
+                del self._inode_locks[inode]
+
+    def _share(self, inode: int) -> _Open | None:
+        """One more reference on the inode's open CryptFile, if it has one (no await: no lock needed)."""
+        opened = self._files.get(inode)
+        if opened is not None:
+            opened.refs += 1
+        return opened
 
     @asynccontextmanager
     async def _held(self, inode: int, open_file: bool) -> AsyncIterator[CryptFile | None]:
@@ -259,18 +326,17 @@ class VcfsOperations(pyfuse3.Operations):
         creates (two engines writing one backing file destroy it), nor use one that a concurrent
         release is closing: so it is registered in ``_files`` for the duration.
         """
-        async with self._open_lock:
-            opened = self._files.get(inode)
-            if opened is None and open_file:
-                opened = self._files[inode] = _Open(await self._open_cryptfile(inode), 0)
-            if opened is not None:
-                opened.refs += 1
+        opened = self._share(inode)
+        if opened is None:
+            async with self._inode_lock(inode):  # waits for a close of this inode to finish
+                opened = self._share(inode)
+                if opened is None and open_file:
+                    opened = self._files[inode] = _Open(await self._open_cryptfile(inode), 1)
         try:
             yield opened.cf if opened is not None else None
         finally:
             if opened is not None:
-                async with self._open_lock:
-                    await self._unref(inode, opened)
+                await self._unref(inode, opened)
 
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         return self._oserror(lambda: self.inodes.read_link(inode))
@@ -471,25 +537,30 @@ class VcfsOperations(pyfuse3.Operations):
             return grant.bind(await self._open(inode, flags))
 
     async def _open(self, inode: int, flags: int) -> pyfuse3.FileInfo:
-        async with self._open_lock:
-            opened = self._files.get(inode)
-            if opened is None:
-                stamp = self._cache_stamp(inode)
-                keep = stamp is not None and self._keep_cache.get(inode) == stamp
-                cf = await self._open_cryptfile(inode)
-                if flags & os.O_TRUNC:  # libfuse asks for atomic O_TRUNC: the open truncates
-                    try:
-                        await self._run(cf.truncate, 0, label=cf.label)
-                    except BaseException:
-                        await self._run(cf.close, label=cf.label)
-                        raise
-                self._files[inode] = _Open(cf, 1)
-            else:
-                keep = True  # the open CryptFile is the only writer: kernel pages are current
-                if flags & os.O_TRUNC:
-                    await self._run(opened.cf.truncate, 0, label=opened.cf.label)
-                opened.refs += 1
-            return pyfuse3.FileInfo(fh=self._new_handle(inode), keep_cache=keep)
+        opened = self._share(inode)
+        if opened is None:
+            async with self._inode_lock(inode):
+                opened = self._share(inode)  # opened by someone else while this one waited
+                if opened is None:
+                    stamp = self._cache_stamp(inode)
+                    keep = stamp is not None and self._keep_cache.get(inode) == stamp
+                    cf = await self._open_cryptfile(inode)
+                    if flags & os.O_TRUNC:  # libfuse asks for atomic O_TRUNC: the open truncates
+                        try:
+                            await self._run(cf.truncate, 0, label=cf.label)
+                        except BaseException:
+                            await self._run(cf.close, label=cf.label)
+                            raise
+                    self._files[inode] = _Open(cf, 1)
+                    return pyfuse3.FileInfo(fh=self._new_handle(inode), keep_cache=keep)
+        # The open CryptFile is the only writer: kernel pages are current.
+        if flags & os.O_TRUNC:
+            try:
+                await self._run(opened.cf.truncate, 0, label=opened.cf.label)
+            except BaseException:
+                await self._unref(inode, opened)
+                raise
+        return pyfuse3.FileInfo(fh=self._new_handle(inode), keep_cache=True)
 
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
@@ -523,7 +594,20 @@ class VcfsOperations(pyfuse3.Operations):
                     fd, label, wrap, self.journal, seal_budget=keys.seal_budget, renewer=keys.renewer
                 )
 
-            cf = await self._run(make, label=label, hsm=True)
+            def make_prewrapped() -> CryptFile | None:  # an I/O worker: a DEK wrapped ahead, no HSM
+                if keys.stale():
+                    return None  # keys changed: make() picks that up first
+                ready = keys.prewrapped(keys.domain_for(plain))
+                if ready is None:
+                    return None
+                return create_cryptfile(
+                    fd, label, None, self.journal, seal_budget=keys.seal_budget, renewer=keys.renewer, prewrapped=ready
+                )
+
+            cf = await self._run(make_prewrapped, label=label)
+            if cf is None:
+                cf = await self._run(make, label=label, hsm=True)
+            self._pool_low.set()  # top the pool up again
         except BaseException:
             if fd >= 0:
                 os.close(fd)
@@ -531,19 +615,28 @@ class VcfsOperations(pyfuse3.Operations):
                     os.unlink(path)
             self.inodes.abandon_child(parent_inode, name)
             raise
-        async with self._open_lock:
-            attr = self._entry(parent_inode, name)
-            self._files[attr.st_ino] = _Open(cf, 1)
-            attr.st_size = 0
-            return pyfuse3.FileInfo(fh=self._new_handle(attr.st_ino)), attr
+        # No await from here on: the new inode's entry appears at once (a new file cannot be
+        # open already: its backing inode did not exist before this create).
+        try:
+            attr = self._oserror(lambda: self._entry(parent_inode, name))
+        except BaseException:
+            await self._run(cf.close, label=cf.label, sync=True)
+            raise
+        self._files[attr.st_ino] = _Open(cf, 1)
+        attr.st_size = 0
+        return pyfuse3.FileInfo(fh=self._new_handle(attr.st_ino)), attr
 
-    def _cf(self, fh: int) -> CryptFile:
+    def _opened(self, fh: int) -> _Open:
         inode = self._handles.get(fh)
         if inode is None:
             raise pyfuse3.FUSEError(errno.EBADF)
-        return self._files[inode].cf
+        return self._files[inode]
 
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    def _cf(self, fh: int) -> CryptFile:
+        return self._opened(fh).cf
+
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:  # type: ignore[override]
+        # pyfuse3 replies with any contiguous buffer; a view of the decrypted blocks saves a copy
         cf = self._cf(fh)
         try:
             data = await self._run(cf.read, off, size, label=cf.label)
@@ -554,12 +647,18 @@ class VcfsOperations(pyfuse3.Operations):
         return data
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        cf = self._cf(fh)
-        if cf.try_write_buffered(off, buf):
+        opened = self._opened(fh)
+        cf = opened.cf
+        # Copied on the loop if it lands in a block held in memory, unless earlier writes wait.
+        if not opened.order.locked() and cf.try_write_buffered(off, buf):
             self.guard.wrote(fh, len(buf))
             return len(buf)
         try:
-            n = await self._run(cf.write, off, buf, label=cf.label)
+            async with opened.order:  # FIFO: in the order the kernel sent them
+                if cf.try_write_buffered(off, buf):
+                    n = len(buf)
+                else:
+                    n = await self._run(cf.write, off, buf, label=cf.label)
         except pyfuse3.FUSEError as exc:
             self.guard.failed(fh, exc.errno)
             raise
@@ -569,11 +668,11 @@ class VcfsOperations(pyfuse3.Operations):
     async def flush(self, fh: int) -> None:
         cf = self._cf(fh)
         if cf.dirty:  # every close(2) flushes; readers and clean files skip the thread hop
-            await self._run(cf.flush, label=cf.label)
+            await self._run(cf.flush, label=cf.label, sync=True)  # may sync a journal copy
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         cf = self._cf(fh)
-        await self._run(cf.fsync, datasync, label=cf.label)
+        await self._run(cf.fsync, datasync, label=cf.label, sync=True)
 
     async def release(self, fh: int) -> None:
         try:
@@ -582,33 +681,37 @@ class VcfsOperations(pyfuse3.Operations):
             self.guard.release(fh)  # the session's audit record, with what it read and wrote
 
     async def _release(self, fh: int) -> None:
-        async with self._open_lock:
-            inode = self._handles.pop(fh, None)
-            if inode is None:
-                return
-            await self._unref(inode, self._files[inode])
+        inode = self._handles.pop(fh, None)
+        if inode is None:
+            return
+        await self._unref(inode, self._files[inode])
 
     async def _unref(self, inode: int, opened: _Open) -> None:
-        """Drop one reference (caller holds ``_open_lock``); the last one closes the file."""
+        """Drop one reference; the last one closes the file, under the inode's lock."""
         opened.refs -= 1
         if opened.refs > 0:
             return
-        del self._files[inode]
-        try:
-            await self._run(opened.cf.close, label=opened.cf.label)
-        finally:
-            self.keys.closed(opened.cf.opened_with)
-            stamp = self._cache_stamp(inode)
-            if stamp is not None:
-                self._keep_cache[inode] = stamp
+        async with self._inode_lock(inode):
+            if opened.refs > 0 or self._files.get(inode) is not opened:
+                return  # shared again while this waited for the lock (or closed by that sharer)
+            del self._files[inode]
+            try:
+                await self._run(opened.cf.close, label=opened.cf.label, sync=True)
+            finally:
+                self.keys.closed(opened.cf.opened_with)
+                stamp = self._cache_stamp(inode)
+                if stamp is not None:
+                    self._keep_cache[inode] = stamp
 
     async def close_all(self) -> None:
         """Flush and close every open file (unmount or shutdown)."""
-        async with self._open_lock:
-            for inode, opened in list(self._files.items()):
+        for inode, opened in list(self._files.items()):
+            async with self._inode_lock(inode):
+                if self._files.get(inode) is not opened:
+                    continue
                 try:
-                    await self._run(opened.cf.fsync, True, label=opened.cf.label)
-                    await self._run(opened.cf.close, label=opened.cf.label)
+                    await self._run(opened.cf.fsync, True, label=opened.cf.label, sync=True)
+                    await self._run(opened.cf.close, label=opened.cf.label, sync=True)
                 except pyfuse3.FUSEError as exc:
                     log.error("could not flush %s at shutdown: %s", opened.cf.label, os.strerror(exc.errno))
                 del self._files[inode]

@@ -174,6 +174,7 @@ def serve(opts: MountOptions, ready_fd: int | None = None) -> int:
     daemon = extras.daemon(ops, opts.backing, lambda: _report(ready_fd, "ok\n"))
     daemon.on_hup = reload  # a bad policy file is refused and audited; the policy in force stays
     daemon.tasks.append(lambda: _key_upkeep(ops))
+    daemon.tasks.append(ops.keep_dek_pool)  # DEKs wrapped ahead for new files
     try:
         trio.run(service.run, daemon)
     finally:

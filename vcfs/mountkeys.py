@@ -20,6 +20,7 @@ from vcfs.cryptfile import SEAL_BUDGET, CryptFile
 from vcfs.domainmap import DomainMap
 from vcfs.keys.base import STATE_DESTROYED, KeyRef, Wrapped
 from vcfs.keys.dekcache import DEFAULT_TTL, DekCache
+from vcfs.keys.dekpool import FILL_BATCH, DekPool
 from vcfs.keys.keystore import keystore_path
 from vcfs.keys.provider import Pkcs11Provider
 from vcfs.keys.setup import HostKeyOptions, refresh_provider
@@ -58,6 +59,7 @@ class MountKeys:
         self.store_id = cfg.store_id
         self.domains: DomainMap = cfg.domain_map()
         self.cache = DekCache(provider.unwrap, dek_cache_ttl)
+        self.pool = DekPool()  # pre-wrapped DEKs for new files (vcfs/keys/dekpool.py)
         self.seal_budget = seal_budget
         self.on_swap: Callable[[int, int], None] | None = None  # set by the FUSE adapter
         self.renewer = DekRenewer(backing, provider.current, provider.wrap, self._swapped, chown)
@@ -75,6 +77,10 @@ class MountKeys:
 
         return mtime(config_path(self.backing)), mtime(keystore_path(self.store_id, self._opts.keystore))
 
+    def stale(self) -> bool:
+        """True if config or keystore changed since the last ``refresh`` (two stat() calls)."""
+        return self._stamps() != self._watched
+
     def refresh(self) -> None:
         """Re-read config and keystore if either changed: two stat() calls when nothing did."""
         stamps = self._stamps()
@@ -84,6 +90,7 @@ class MountKeys:
         self.take_in(cfg)
         self.domains = cfg.domain_map()
         self._watched = stamps
+        self.pool.retain(self.provider.current(d) for d in self.provider.domains())  # rotated: drop
         log.info(
             "keys changed: new files use %s", ", ".join(str(self.provider.current(d)) for d in self.provider.domains())
         )
@@ -111,6 +118,27 @@ class MountKeys:
         ref = self.provider.current(domain)
         return lambda dek: self.provider.wrap(ref, dek)
 
+    def prewrapped(self, domain: str) -> tuple[bytearray, Wrapped] | None:
+        """A ready (DEK, wrapping) for a new file of ``domain`` from the pool, or None (then
+        wrap in the HSM worker). The caller owns the DEK buffer. Call only when not ``stale()``."""
+        return self.pool.take(self.provider.current(domain))
+
+    def fill_pool(self) -> int:
+        """Wrap a few DEKs ahead for every KEK new files asked for (HSM worker); how many were made."""
+        made = 0
+        for ref in self.pool.wanted_refs():
+            if ref == self.provider.current(ref.domain) and not self.provider.is_down(ref.domain):
+
+                def wrap(dek: bytearray, ref: KeyRef = ref) -> Wrapped:
+                    return self.provider.wrap(ref, dek)
+
+                made += self.pool.fill(ref, wrap, FILL_BATCH)
+        return made
+
+    def pool_low(self) -> bool:
+        """True if a wanted KEK's pool is half empty (then refill it up to full)."""
+        return any(self.pool.missing(ref) >= self.pool.size // 2 for ref in self.pool.wanted_refs())
+
     def unwrap(self, wrapped: Wrapped) -> bytearray:
         """For opens: the token must be reachable and the KEK (or recipient) not destroyed, cache or not."""
         self.provider.load_for(wrapped)
@@ -130,6 +158,7 @@ class MountKeys:
 
     def sweep(self) -> None:
         self.cache.sweep()
+        self.pool.sweep()
 
     def recover_due(self) -> bool:
         if not any(self.provider.is_down(d) for d in self.provider.domains()):
@@ -146,3 +175,4 @@ class MountKeys:
 
     def close(self) -> None:
         self.cache.clear()
+        self.pool.clear()

@@ -36,7 +36,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from vcfs import control, counters, runpaths, sdnotify
+from vcfs import control, counters, fusetune, runpaths, sdnotify
 from vcfs.exporter import Exporter, start_exporter
 from vcfs.fs import VcfsOperations
 from vcfs.mountconfig import ControlSection, MetricsSection
@@ -89,7 +89,7 @@ async def run(d: Daemon) -> None:
                     nursery.start_soon(d.exporter.run)
                 for task in d.tasks:
                     nursery.start_soon(task)
-                await pyfuse3.main()
+                await pyfuse3.main(max_tasks=fusetune.MAX_TASKS)
                 nursery.cancel_scope.cancel()
         finally:
             _begin_stop(d, "unmounting")  # no-op if a signal began it
@@ -141,6 +141,8 @@ async def _announce_ready(d: Daemon) -> None:
         log.error("the new mount at %s does not answer: %s", d.mountpoint, exc.strerror)
         pyfuse3.terminate()
         return
+    # After the kernel's INIT handshake (which the stat proves done), or INIT resets readahead.
+    await trio.to_thread.run_sync(fusetune.tune, d.mountpoint)
     d.state.mounted_since = time.time()
     d.on_ready()
     sdnotify.notify(sdnotify.READY, sdnotify.status(f"serving {d.backing} at {d.mountpoint}"))

@@ -30,6 +30,9 @@ INFO_HEADER_MAC = b"vcfs v1 header mac key"
 INFO_COMMITMENT = b"vcfs v1 key commitment"
 INFO_KEK_CHECK = b"vcfs v1 kek check"
 
+# cryptography >= 46 seals and opens into caller buffers; older ones get the same results with a copy
+_INTO = hasattr(AESGCM, "decrypt_into") and hasattr(AESGCM, "encrypt_into")
+
 
 def _hkdf(dek: bytes | bytearray, file_id: bytes, info: bytes) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=file_id, info=info).derive(dek)
@@ -103,6 +106,27 @@ class FileKeys(HeaderKeys):
     def open(self, nonce: bytes | memoryview, sealed: bytes | memoryview, aad: bytes) -> bytes:
         try:
             return self.content.decrypt(nonce, sealed, aad)
+        except InvalidTag:
+            raise AuthFailed from None
+
+    def seal_into(self, nonce: bytes, plaintext: bytes | bytearray | memoryview, aad: bytes, out: memoryview) -> None:
+        """``seal`` written into ``out`` (exactly len(plaintext) + 16 bytes): no allocation, no copy."""
+        if _INTO:
+            self.content.encrypt_into(nonce, plaintext, aad, out)
+        else:
+            out[:] = self.content.encrypt(nonce, plaintext, aad)
+
+    def open_into(self, nonce: bytes | memoryview, sealed: bytes | memoryview, aad: bytes, out: memoryview) -> None:
+        """``open`` written into ``out`` (exactly len(sealed) - 16 bytes).
+
+        On AuthFailed ``out`` may hold unauthenticated bytes (cryptography decrypts before it
+        compares the tag): the caller must discard the buffer, never hand it out.
+        """
+        try:
+            if _INTO:
+                self.content.decrypt_into(nonce, sealed, aad, out)
+            else:
+                out[:] = self.content.decrypt(nonce, sealed, aad)
         except InvalidTag:
             raise AuthFailed from None
 

@@ -35,6 +35,54 @@ def seal_block(
     return nonce + keys.seal(nonce, plaintext, block_aad(bound, block_no, final))
 
 
+def seal_block_parts(
+    keys: FileKeys, bound: bytes, block_no: int, final: bool, plaintext: bytes | bytearray | memoryview
+) -> tuple[bytes, bytes]:
+    """``seal_block`` as its two parts, nonce and ciphertext || tag (a vectored write needs no join)."""
+    if len(plaintext) > BLOCK_SIZE:
+        raise ValueError("block longer than BLOCK_SIZE")
+    nonce = new_nonce()
+    return nonce, keys.seal(nonce, plaintext, block_aad(bound, block_no, final))
+
+
+def seal_block_into(
+    keys: FileKeys,
+    bound: bytes,
+    block_no: int,
+    final: bool,
+    plaintext: bytes | bytearray | memoryview,
+    out: memoryview,
+) -> int:
+    """``seal_block`` written into the front of ``out``; returns the sealed length."""
+    if len(plaintext) > BLOCK_SIZE:
+        raise ValueError("block longer than BLOCK_SIZE")
+    n = len(plaintext) + BLOCK_OVERHEAD
+    nonce = new_nonce()
+    out[:NONCE_LEN] = nonce
+    keys.seal_into(nonce, plaintext, block_aad(bound, block_no, final), out[NONCE_LEN:n])
+    return n
+
+
+def open_block_into(
+    keys: FileKeys, bound: bytes, block_no: int, final: bool, sealed: bytes | memoryview, out: memoryview
+) -> int:
+    """``open_block`` written into the front of ``out``; returns the plaintext length.
+
+    On BlockAuthError ``out`` may hold unauthenticated bytes: discard it.
+    """
+    if len(sealed) < BLOCK_OVERHEAD:
+        raise BlockAuthError(f"block {block_no} is {len(sealed)} bytes, shorter than nonce and tag", block_no)
+    view = memoryview(sealed)
+    n = len(view) - BLOCK_OVERHEAD
+    try:
+        keys.open_into(view[:NONCE_LEN], view[NONCE_LEN:], block_aad(bound, block_no, final), out[:n])
+    except AuthFailed:
+        raise BlockAuthError(
+            f"block {block_no} failed authentication ({'final' if final else 'inner'} position)", block_no
+        ) from None
+    return n
+
+
 def open_block(keys: FileKeys, bound: bytes, block_no: int, final: bool, sealed: bytes | memoryview) -> bytes:
     """Authenticate and decrypt one block, or raise BlockAuthError; never returns unverified bytes."""
     if len(sealed) < BLOCK_OVERHEAD:

@@ -1,8 +1,11 @@
 """A short-lived cache of unwrapped DEKs, so reopening a file just closed needs no HSM call.
 
 Lifetime: an entry is pinned while any open file uses it (``hold`` / ``release``), and kept
-``ttl`` seconds after the last release; then its buffer is overwritten and dropped. With
-``ttl == 0`` nothing is kept: a DEK lives only as long as the open file's derived keys.
+``ttl`` seconds after the last release; then its buffer is overwritten and dropped, by the
+next sweep (the mount sweeps once a second, and a release sweeps if the last sweep is older
+than ``SWEEP_EVERY``: a scan per release would cost O(entries) each, O(n^2) for a tool
+that opens thousands of files). With ``ttl == 0`` nothing is kept: a DEK lives only as long
+as the open file's derived keys.
 
 Keyed by the exact wrapping (KEK reference, algorithm, wrapped bytes): the same bytes always
 unwrap to the same DEK, a rewrapped header is a new key, and the header MAC is still checked
@@ -23,6 +26,7 @@ from vcfs.core.aead import wipe
 from vcfs.keys.base import KeyRef, Wrapped
 
 DEFAULT_TTL = 10.0  # seconds after the last close
+SWEEP_EVERY = 0.25  # seconds: how late after its ttl an entry may be overwritten, at most
 
 _Key = tuple[KeyRef, int, bytes]
 
@@ -42,6 +46,7 @@ class DekCache:
         self._entries: dict[_Key, _Entry] = {}
         self.hits = 0
         self.misses = 0
+        self._swept = 0.0
 
     @staticmethod
     def key_of(wrapped: Wrapped) -> _Key:
@@ -76,11 +81,12 @@ class DekCache:
             if entry is not None:
                 entry.holders = max(entry.holders - 1, 0)
                 entry.expires = time.monotonic() + self.ttl
-        self.sweep()
+        if self.ttl <= 0 or time.monotonic() - self._swept >= SWEEP_EVERY:
+            self.sweep()
 
     def sweep(self) -> int:
         """Overwrite and drop every expired entry that no open file holds; returns how many."""
-        now = time.monotonic()
+        now = self._swept = time.monotonic()
         with self._lock:
             gone = [k for k, e in self._entries.items() if e.holders == 0 and e.expires <= now]
             for k in gone:
