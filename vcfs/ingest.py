@@ -21,7 +21,7 @@ from pathlib import Path
 from vcfs.config import StoreConfig
 from vcfs.errors import ConfigError, KeyDestroyedError, UsageError
 from vcfs.ingestnames import read_names_file
-from vcfs.keys.base import STATE_DESTROYED, KeyRef
+from vcfs.keys.base import STATE_DESTROYED, KeyRef, Wrapped
 from vcfs.keys.recipient import IngestProvider, RecipientPublic, load_public
 from vcfs.keys.recipients import recipient_name
 from vcfs.keys.setup import HostKeyOptions
@@ -137,6 +137,11 @@ class IngestKeys(MountKeys):
     def __init__(self, backing: Path, provider: IngestProvider, chown: bool = False) -> None:
         super().__init__(backing, provider, HostKeyOptions(), dek_cache_ttl=0.0, chown=chown)
         self.ingest = provider
+
+    def prewrapped(self, domain: str) -> tuple[bytearray, Wrapped] | None:
+        """Never: a recipient wrap needs no HSM trip to save, and a DEK waiting in a pool would
+        outlive a recipient's destruction and the promise that no key is left after a close."""
+        return None
 
     def take_in(self, cfg: StoreConfig) -> None:
         """After a config change: stop wrapping to a recipient the store says was destroyed."""

@@ -30,8 +30,8 @@ INFO_HEADER_MAC = b"vcfs v1 header mac key"
 INFO_COMMITMENT = b"vcfs v1 key commitment"
 INFO_KEK_CHECK = b"vcfs v1 kek check"
 
-# cryptography >= 46 seals and opens into caller buffers; older ones get the same results with a copy
-_INTO = hasattr(AESGCM, "decrypt_into") and hasattr(AESGCM, "encrypt_into")
+# cryptography >= 46 opens into caller buffers; older ones get the same result with a copy
+_INTO = hasattr(AESGCM, "decrypt_into")
 
 
 def _hkdf(dek: bytes | bytearray, file_id: bytes, info: bytes) -> bytes:
@@ -108,13 +108,6 @@ class FileKeys(HeaderKeys):
             return self.content.decrypt(nonce, sealed, aad)
         except InvalidTag:
             raise AuthFailed from None
-
-    def seal_into(self, nonce: bytes, plaintext: bytes | bytearray | memoryview, aad: bytes, out: memoryview) -> None:
-        """``seal`` written into ``out`` (exactly len(plaintext) + 16 bytes): no allocation, no copy."""
-        if _INTO:
-            self.content.encrypt_into(nonce, plaintext, aad, out)
-        else:
-            out[:] = self.content.encrypt(nonce, plaintext, aad)
 
     def open_into(self, nonce: bytes | memoryview, sealed: bytes | memoryview, aad: bytes, out: memoryview) -> None:
         """``open`` written into ``out`` (exactly len(sealed) - 16 bytes).

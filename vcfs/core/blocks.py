@@ -45,24 +45,6 @@ def seal_block_parts(
     return nonce, keys.seal(nonce, plaintext, block_aad(bound, block_no, final))
 
 
-def seal_block_into(
-    keys: FileKeys,
-    bound: bytes,
-    block_no: int,
-    final: bool,
-    plaintext: bytes | bytearray | memoryview,
-    out: memoryview,
-) -> int:
-    """``seal_block`` written into the front of ``out``; returns the sealed length."""
-    if len(plaintext) > BLOCK_SIZE:
-        raise ValueError("block longer than BLOCK_SIZE")
-    n = len(plaintext) + BLOCK_OVERHEAD
-    nonce = new_nonce()
-    out[:NONCE_LEN] = nonce
-    keys.seal_into(nonce, plaintext, block_aad(bound, block_no, final), out[NONCE_LEN:n])
-    return n
-
-
 def open_block_into(
     keys: FileKeys, bound: bytes, block_no: int, final: bool, sealed: bytes | memoryview, out: memoryview
 ) -> int:
