@@ -54,14 +54,19 @@ def _backing_path(store: Path, name: str) -> Path:
         offline.close()
 
 
-def _ingest_file(store: Path, pub: Path, name: str = "rec.bin", data: bytes = DATA) -> Path:
-    """A backing file as an ingest mount writes it: DEK wrapped to the recipient, no HSM."""
+def _ingest_file(store: Path, pub: Path, name: str = "rec.bin", data: bytes = DATA, synced: bool = False) -> Path:
+    """A backing file as an ingest mount writes it: DEK wrapped to the recipient, no HSM.
+
+    ``synced``: fsync before the close, as a recorder does; only then does the close write the
+    exact seal count into the second slot (a never-synced small file keeps its first one)."""
     provider = IngestProvider([load_public(pub)])
     path = _backing_path(store, name)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
     ref = provider.current("default")
     cf = create_cryptfile(fd, name, lambda dek: provider.wrap(ref, dek))
     cf.write(0, data)
+    if synced:
+        cf.fsync()
     cf.close()
     return path
 
@@ -217,7 +222,7 @@ def tamper_base(vcfs_home: Path, tmp_path_factory: pytest.TempPathFactory) -> tu
     base = tmp_path_factory.mktemp("tamper")
     store = base / "backing"
     run_vcfs("init", str(store))
-    path = _ingest_file(store, _new_recipient(store, base / "rec.pub"))
+    path = _ingest_file(store, _new_recipient(store, base / "rec.pub"), synced=True)  # both slots written
     return store, path.relative_to(store)
 
 
@@ -232,7 +237,7 @@ def _flip(path: Path, offsets: list[int], value: int | None = None) -> None:
 
 
 def _in_both_slots(rel: int) -> list[int]:
-    """A slot field in both slots: the close wrote the exact seal count into the second one, and a
+    """A slot field in both slots: the close after a sync wrote the exact seal count into the second one, and a
     reader that finds one slot damaged rightly falls back to the other (same DEK, same wrapping)."""
     return [slot_offset(0) + rel, slot_offset(1) + rel]
 

@@ -120,7 +120,12 @@ class MountKeys:
 
     def prewrapped(self, domain: str) -> tuple[bytearray, Wrapped] | None:
         """A ready (DEK, wrapping) for a new file of ``domain`` from the pool, or None (then
-        wrap in the HSM worker). The caller owns the DEK buffer. Call only when not ``stale()``."""
+        wrap in the HSM worker). The caller owns the DEK buffer. Call only when not ``stale()``.
+
+        None while the domain's HSM is known to be down: creates there fail as opens do, instead
+        of depending on how many pairs happened to be left."""
+        if self.provider.is_down(domain):
+            return None
         return self.pool.take(self.provider.current(domain))
 
     def fill_pool(self) -> int:
