@@ -63,6 +63,16 @@ class _Open:
     cf: CryptFile
     refs: int
     order: trio.Lock = field(default_factory=trio.Lock)  # writes in arrival order (trio.Lock is FIFO)
+    # Where a write landed past the end: the zeros from each start up to that write are not
+    # what the application wrote, until the kernel sends the page it still holds for them.
+    gaps: set[int] = field(default_factory=set)
+
+    def note_write(self, off: int, length: int) -> None:
+        """Before a write is applied (under ``order``): open or close gaps it makes or fills."""
+        if self.gaps:
+            self.gaps = {g for g in self.gaps if not off <= g < off + length}
+        if off > self.cf.size:
+            self.gaps.add(self.cf.size)
 
 
 @dataclass(slots=True)
@@ -651,10 +661,13 @@ class VcfsOperations(pyfuse3.Operations):
         cf = opened.cf
         # Copied on the loop if it lands in a block held in memory, unless earlier writes wait.
         if not opened.order.locked() and cf.try_write_buffered(off, buf):
+            if opened.gaps:
+                opened.note_write(off, len(buf))  # within the file: it can only fill a gap
             self.guard.wrote(fh, len(buf))
             return len(buf)
         try:
             async with opened.order:  # FIFO: in the order the kernel sent them
+                opened.note_write(off, len(buf))
                 if cf.try_write_buffered(off, buf):
                     n = len(buf)
                 else:
@@ -703,6 +716,31 @@ class VcfsOperations(pyfuse3.Operations):
                 if stamp is not None:
                     self._keep_cache[inode] = stamp
 
+    def writeback_gaps(self) -> int:
+        """Ranges of open files that a write past the end left zero-filled and no write has
+        filled yet. The kernel can send a page rewritten while its first write was in flight
+        after the pages that follow it, and a sync of the mount may return before it does."""
+        return sum(len(opened.gaps) for opened in self._files.values())
+
+    async def _cut_at_gap(self, opened: _Open) -> None:
+        """At shutdown, nothing more comes from the kernel: a gap still open holds zeros the
+        application never wrote, so the file ends where its first gap begins. What is cut was
+        never synced (an fsync writes every page of the file back first), as after a crash."""
+        cf = opened.cf
+        cut = min((g for g in opened.gaps if g < cf.size), default=None)
+        opened.gaps.clear()
+        if cut is None:
+            return
+        log.warning(
+            "%s: the kernel sent bytes past %d but never the page at %d before the stop; the file now ends there "
+            "(%d unsynced bytes after it dropped, as a crash would)",
+            cf.label,
+            cut,
+            cut,
+            cf.size - cut,
+        )
+        await self._run(cf.truncate, cut, label=cf.label)
+
     async def close_all(self) -> None:
         """Flush and close every open file (unmount or shutdown)."""
         for inode, opened in list(self._files.items()):
@@ -710,6 +748,7 @@ class VcfsOperations(pyfuse3.Operations):
                 if self._files.get(inode) is not opened:
                     continue
                 try:
+                    await self._cut_at_gap(opened)
                     await self._run(opened.cf.fsync, True, label=opened.cf.label, sync=True)
                     await self._run(opened.cf.close, label=opened.cf.label, sync=True)
                 except pyfuse3.FUSEError as exc:

@@ -45,6 +45,7 @@ from vcfs.store import syncfs
 
 log = logging.getLogger("vcfs.service")
 
+WRITEBACK_PASSES = 5  # syncfs passes at a stop while writes fill gaps (see _write_back)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 EXTEND_EVERY = 10.0  # seconds between EXTEND_TIMEOUT_USEC messages while a stop makes progress
 EXTEND_BY = 60.0
@@ -125,12 +126,30 @@ async def _on_signals(d: Daemon) -> None:
                 continue
             log.info("signal %s: flushing and unmounting", signal.Signals(signum).name)
             _begin_stop(d, f"signal {signal.Signals(signum).name}")
-            try:
-                # GIL released, FUSE loop still serving: the kernel writes its dirty pages to us.
-                await trio.to_thread.run_sync(syncfs, d.mountpoint)
-            except OSError as exc:
-                log.error("syncfs before shutdown failed: %s", exc.strerror)
+            await _write_back(d)
             pyfuse3.terminate()
+
+
+async def _write_back(d: Daemon) -> None:
+    """Have the kernel write its dirty pages to us while the FUSE loop still serves.
+
+    One syncfs can return while a file still has a gap: a page rewritten while its first write
+    was in flight is sent again only after the pages that follow it (docs/OPERATIONS.md,
+    "Stopping"). Each pass sends it; after WRITEBACK_PASSES, close_all cuts such a file at its gap.
+    """
+    for _ in range(WRITEBACK_PASSES):
+        try:
+            await trio.to_thread.run_sync(syncfs, d.mountpoint)  # GIL released
+        except OSError as exc:
+            log.error("syncfs before shutdown failed: %s", exc.strerror)
+            return
+        if not d.ops.writeback_gaps():
+            return
+    log.info(
+        "%d gaps in open files after %d syncs: those files end at their first gap",
+        d.ops.writeback_gaps(),
+        WRITEBACK_PASSES,
+    )
 
 
 async def _announce_ready(d: Daemon) -> None:
